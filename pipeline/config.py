@@ -1,0 +1,250 @@
+"""Typed, frozen configuration read from ``params.yaml``.
+
+Every section of ``params.yaml`` maps to one frozen dataclass. Unknown or mistyped keys are errors that name
+the key path (``evaluation.scifact.splt``) and suggest the closest valid key, so a typo never silently falls
+back to a default. Validation is pydantic's (``extra="forbid"``); we only format its errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from pathlib import Path
+from typing import Literal, get_args, get_origin, get_type_hints
+
+import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic.dataclasses import dataclass
+
+STRICT = ConfigDict(extra="forbid", frozen=True)
+
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ConfigError(ValueError):
+    """A params.yaml problem, with the file and key path in its message."""
+
+
+@dataclass(config=STRICT)
+class Paths:
+    """Where every artifact lives, relative to the repository root. dvc.yaml reads the same keys."""
+
+    sources: str = "data/sources"
+    collections: str = "data/collections"
+    indexes: str = "data/indexes"
+    retrieval: str = "data/retrieval"
+    evaluation: str = "data/evaluation"
+    metrics: str = "metrics"
+    plots: str = "plots"
+
+    def collection_dir(self, name: str) -> Path:
+        return Path(self.collections) / name
+
+    def index_dir(self, name: str) -> Path:
+        return Path(self.indexes) / name
+
+    def retrieval_dir(self, name: str) -> Path:
+        return Path(self.retrieval) / name
+
+
+@dataclass(config=STRICT)
+class CollectionConfig:
+    """One collection: a BEIR-layout folder (an ``ir_datasets`` export lands in one: see ``IrDatasetsExport``).
+
+    ``min_relevance`` is the lowest graded label that binary measures (RR, R@k) count as relevant:
+    1 for most collections, 2 for TREC-DL.
+    """
+
+    source: str
+    min_relevance: int = Field(default=1, ge=1)
+
+
+@dataclass(config=STRICT)
+class IrDatasetsExport:
+    """An ``ir_datasets`` collection, exported by the ``fetch`` stage to ``<paths.sources>/<name>`` as a
+    BEIR-layout folder, which a collection then names as its ``source``. Several ids that share one corpus
+    (``beir/scifact/train``, ``beir/scifact/test``) give one collection with a qrels split for each.
+    """
+
+    ids: tuple[str, ...] = Field(min_length=1)
+
+
+@dataclass(config=STRICT)
+class TrainConfig:
+    collection: str
+    split: str = "train"
+
+
+@dataclass(config=STRICT)
+class EvaluationCollection:
+    split: str = "test"
+
+
+@dataclass(config=STRICT)
+class PrepareConfig:
+    # qrels rows whose query or document is not in the collection: report the count and keep them (they
+    # still count in nDCG's ideal ranking: TREC-DL's pooled corpus lacks judged passages), drop them, or stop.
+    on_unknown_qrels: Literal["warn", "drop", "fail"] = "warn"
+
+
+@dataclass(config=STRICT)
+class IndexConfig:
+    threads: int = Field(default=2, ge=1)
+    # Stored so that RM3 (docvectors), phrase/proximity features (positions) and later stages (raw) can use
+    # the index without going back to the corpus.
+    store_positions: bool = True
+    store_docvectors: bool = True
+    store_raw: bool = True
+
+
+@dataclass(config=STRICT)
+class Bm25Config:
+    # Anserini's defaults, which BEIR's published Lucene BM25 figures use.
+    k1: float = Field(default=0.9, gt=0)
+    b: float = Field(default=0.4, ge=0, le=1)
+
+
+@dataclass(config=STRICT)
+class RetrieveConfig:
+    methods: tuple[Literal["bm25"], ...] = ("bm25",)
+    depth: int = Field(default=100, ge=1)
+    threads: int = Field(default=2, ge=1)
+    bm25: Bm25Config = Field(default_factory=Bm25Config)
+
+
+@dataclass(config=STRICT)
+class EvaluateConfig:
+    measures: tuple[str, ...] = ("nDCG@10", "RR@10", "R@100")
+    # The run every other run is compared to, per query (deltas, paired t-test).
+    baseline: str = "bm25"
+    include_shipped_runs: bool = True
+
+    @field_validator("measures")
+    @classmethod
+    def _known_measures(cls, measures: tuple[str, ...]) -> tuple[str, ...]:
+        import ir_measures
+
+        for name in measures:
+            try:
+                ir_measures.parse_measure(name)
+            except (ValueError, NameError, SyntaxError) as err:
+                raise ValueError(f"unknown ir_measures measure {name!r}") from err
+        return measures
+
+
+@dataclass(config=STRICT)
+class ScheduleConfig:
+    cron: str = "0 3 * * *"
+    timezone: str = "UTC"
+
+
+@dataclass(config=STRICT)
+class Params:
+    collections: dict[str, CollectionConfig]
+    train: TrainConfig
+    evaluation: dict[str, EvaluationCollection]
+    paths: Paths = Field(default_factory=Paths)
+    ir_datasets: dict[str, IrDatasetsExport] = Field(default_factory=dict)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    def collection(self, name: str) -> CollectionConfig:
+        try:
+            return self.collections[name]
+        except KeyError:
+            raise ConfigError(
+                f"collection {name!r} is not defined under 'collections' (known: {sorted(self.collections)})"
+            ) from None
+
+
+def _check_references(params: Params) -> None:
+    for name in params.collections:
+        if not COLLECTION_NAME.match(name):
+            raise ConfigError(f"collections.{name}: a collection name may use letters, digits, '.', '_', '-'")
+    referenced = [("train.collection", params.train.collection)] + [
+        (f"evaluation.{name}", name) for name in params.evaluation
+    ]
+    for key, name in referenced:
+        if name not in params.collections:
+            hint = _closest(name, list(params.collections))
+            raise ConfigError(f"{key}: collection {name!r} is not defined under 'collections'{hint}")
+
+
+def _closest(key: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(key, candidates, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _valid_keys_at(loc: tuple[str | int, ...]) -> list[str]:
+    """The field names that the dataclass at ``loc`` accepts (for 'did you mean' hints)."""
+    node: object = Params
+    for part in loc:
+        if not dataclasses.is_dataclass(node):
+            return []
+        hints = get_type_hints(node)
+        if part in hints:
+            node = hints[part]
+            if get_origin(node) is dict:  # dict[str, X]: the next part is a free key such as a name
+                node = get_args(node)[1]
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid parameters"]
+    for problem in err.errors():
+        loc = tuple(p for p in problem["loc"] if p != "[key]")
+        key = ".".join(str(p) for p in loc) or "<top>"
+        if problem["type"] == "extra_forbidden":
+            hint = _closest(str(loc[-1]), _valid_keys_at(loc[:-1]))
+            lines.append(f"  {key}: unknown key{hint}")
+        elif problem["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {problem['msg']} (got {problem.get('input')!r})")
+    return "\n".join(lines)
+
+
+_PARAMS_ADAPTER = TypeAdapter(Params)
+
+
+def parse_params(raw: object, source: str = "params.yaml") -> Params:
+    """Validate a parsed params mapping.
+
+    >>> p = parse_params({"collections": {"c": {"source": "x"}}, "train": {"collection": "c"},
+    ...                   "evaluation": {"c": {"split": "test"}}})
+    >>> p.retrieve.depth, p.evaluation["c"].split
+    (100, 'test')
+    >>> parse_params({"collections": {}, "train": {"collection": "c"}, "evaluation": {}, "retreive": {}})
+    Traceback (most recent call last):
+    ...
+    pipeline.config.ConfigError: params.yaml: invalid parameters
+      retreive: unknown key (did you mean 'retrieve'?)
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        params = _PARAMS_ADAPTER.validate_python(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err)) from None
+    try:
+        _check_references(params)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return params
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS_FILE) -> Params:
+    """Read and validate ``params.yaml``; every error names the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameters file not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(raw, source=str(path))

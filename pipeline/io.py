@@ -1,0 +1,103 @@
+"""Atomic writes and the few file formats the pipeline reads and writes (Parquet, TREC runs, JSON)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    A reader never sees a half-written file, and a failure leaves the previous file (if any) untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def to_arrow(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    """Convert a DataFrame to ``schema`` exactly (column order, types); missing columns are an error."""
+    missing = [name for name in schema.names if name not in frame.columns]
+    if missing:
+        raise ValueError(f"table is missing columns {missing} (schema: {schema.names})")
+    return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+
+
+def write_table(data: pd.DataFrame | pa.Table, schema: pa.Schema, path: Path | str) -> Path:
+    """Write ``data`` as Parquet with ``schema``, atomically."""
+    table = to_arrow(data, schema) if isinstance(data, pd.DataFrame) else data.cast(schema)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return Path(path)
+
+
+def read_table(path: Path | str, schema: pa.Schema | None = None) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: table not found (has the stage that writes it run?)")
+    return pq.read_table(path, schema=schema).to_pandas()
+
+
+def write_text(text: str, path: Path | str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(obj: object, path: Path | str) -> Path:
+    return write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def write_trec_run(run: pd.DataFrame, path: Path | str, tag: str) -> Path:
+    """Write a run (query_id, doc_id, rank, score) in TREC format, ``qid Q0 docid rank score tag``.
+
+    Scores keep 6 decimals, as Anserini/pyserini write them, so runs compare line for line.
+    """
+    ordered = run.sort_values(["query_id", "rank"], kind="stable")
+    lines = [
+        f"{q} Q0 {d} {r} {s:.6f} {tag}\n"
+        for q, d, r, s in zip(ordered.query_id, ordered.doc_id, ordered["rank"], ordered.score, strict=True)
+    ]
+    return write_text("".join(lines), path)
+
+
+class RunFormatError(ValueError):
+    pass
+
+
+def read_trec_run(path: Path | str) -> pd.DataFrame:
+    """Read a TREC run file into (query_id, doc_id, rank, score); errors name the file and line."""
+    path = Path(path)
+    rows: list[tuple[str, str, int, float]] = []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 6:
+                raise RunFormatError(
+                    f"{path}:{line_no}: expected 6 fields 'qid Q0 docid rank score tag', got {len(parts)}"
+                )
+            qid, _, docid, rank, score, _ = parts
+            try:
+                rows.append((qid, docid, int(rank), float(score)))
+            except ValueError:
+                raise RunFormatError(f"{path}:{line_no}: rank must be an integer and score a number") from None
+    return pd.DataFrame(rows, columns=["query_id", "doc_id", "rank", "score"])

@@ -1,0 +1,101 @@
+"""Every Parquet table of the pipeline, declared once: its schema and where its files live.
+
+Column names follow IR conventions (``query_id``, ``doc_id``, ``score``, ``rank``, ``relevance``). Tables that
+exist once per collection carry a ``collection`` column too, so that DuckDB can union them into one view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+CORPUS = pa.schema(
+    [
+        pa.field("collection", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("title", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+    ]
+)
+
+QUERIES = pa.schema(
+    [
+        pa.field("collection", pa.string(), nullable=False),
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        # the qrels split(s) that judge the query ("test", "train", ...); "unjudged" when none does
+        pa.field("split", pa.string(), nullable=False),
+        # where the query comes from: "collection" for a collection's own queries; later stages add
+        # "cropped", "generated-llm", "generated-doc2query"
+        pa.field("origin", pa.string(), nullable=False),
+    ]
+)
+
+QRELS = pa.schema(
+    [
+        pa.field("collection", pa.string(), nullable=False),
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("relevance", pa.int32(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+    ]
+)
+
+# First-stage runs that a collection ships in runs/*.trec (e.g. TREC-DL 2019's bm25, splade-pp-ed).
+SHIPPED_RUNS = pa.schema(
+    [
+        pa.field("collection", pa.string(), nullable=False),
+        pa.field("run", pa.string(), nullable=False),
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("score", pa.float64(), nullable=False),
+    ]
+)
+
+CANDIDATES = pa.schema(
+    [
+        pa.field("collection", pa.string(), nullable=False),
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("score", pa.float64(), nullable=False),
+    ]
+)
+
+EVAL_PER_QUERY = pa.schema(
+    [
+        pa.field("collection", pa.string(), nullable=False),
+        pa.field("run", pa.string(), nullable=False),
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("measure", pa.string(), nullable=False),
+        pa.field("value", pa.float64(), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A table: its schema and the file name it has in its folder."""
+
+    name: str
+    schema: pa.Schema
+    filename: str
+    # "collection": one file per collection under paths.<folder>/<collection>/; "global": one file.
+    scope: str
+    folder: str  # the Paths attribute of the folder that holds it
+
+
+TABLES: dict[str, TableSpec] = {
+    spec.name: spec
+    for spec in (
+        TableSpec("corpus", CORPUS, "corpus.parquet", "collection", "collections"),
+        TableSpec("queries", QUERIES, "queries.parquet", "collection", "collections"),
+        TableSpec("qrels", QRELS, "qrels.parquet", "collection", "collections"),
+        TableSpec("shipped_runs", SHIPPED_RUNS, "shipped_runs.parquet", "collection", "collections"),
+        TableSpec("candidates", CANDIDATES, "candidates.parquet", "collection", "retrieval"),
+        TableSpec("eval_per_query", EVAL_PER_QUERY, "per_query.parquet", "global", "evaluation"),
+    )
+}

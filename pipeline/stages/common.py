@@ -1,0 +1,37 @@
+"""What every stage's ``main()`` shares: the command line, params loading, logging and the summary print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.config import DEFAULT_PARAMS_FILE, ConfigError, Params, load_params
+from pipeline.io import RunFormatError
+from pipeline.sources import CollectionError
+
+# Errors a user can fix: printed as one clear line, without a traceback.
+USER_ERRORS = (ConfigError, CollectionError, RunFormatError, FileNotFoundError)
+
+
+def stage_main(
+    stage: str, argv: list[str] | None, body: Callable[[Params, str | None], dict], per_collection: bool
+) -> int:
+    """Parse ``[collection] [--params FILE]``, load params, run ``body`` and print its summary as JSON."""
+    parser = argparse.ArgumentParser(prog=f"distillrank stage {stage}")
+    if per_collection:
+        parser.add_argument("collection", help="the collection's name under 'collections' in params.yaml")
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_FILE, help="parameters file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage} %(levelname)s %(message)s")
+    try:
+        params = load_params(args.params)
+        summary = body(params, getattr(args, "collection", None))
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"stage": stage, **summary}, indent=2, default=str))
+    return 0
