@@ -199,7 +199,8 @@ def _format_error(source: str, err: ValidationError) -> str:
     for problem in err.errors():
         loc = tuple(p for p in problem["loc"] if p != "[key]")
         key = ".".join(str(p) for p in loc) or "<top>"
-        if problem["type"] == "extra_forbidden":
+        # pydantic dataclasses report an unknown key as "unexpected_keyword_argument", models as "extra_forbidden"
+        if problem["type"] in {"extra_forbidden", "unexpected_keyword_argument"}:
             hint = _closest(str(loc[-1]), _valid_keys_at(loc[:-1]))
             lines.append(f"  {key}: unknown key{hint}")
         elif problem["type"] == "missing":

@@ -81,8 +81,11 @@ def plot_deltas(deltas: pd.DataFrame, collection: str, baseline: str, path: Path
 
     mine = deltas[deltas.collection == collection]
     runs = sorted(mine.run.unique())
-    fig, axes = plt.subplots(len(runs), 1, figsize=(9, 2.2 * len(runs) + 0.6), squeeze=False, sharex=True)
-    for axis, run in zip(axes[:, 0], runs, strict=True):
+    fig, axes = plt.subplots(max(len(runs), 1), 1, figsize=(9, 2.2 * max(len(runs), 1) + 0.6), squeeze=False)
+    if not runs:  # only the baseline so far: say so rather than leave the plot out
+        axes[0, 0].text(0.5, 0.5, f"{collection}: no run besides {baseline} yet", ha="center", va="center")
+        axes[0, 0].set_axis_off()
+    for axis, run in zip(axes[: len(runs), 0], runs, strict=True):
         part = mine[mine.run == run]
         colours = ["tab:green" if d > 0 else "tab:red" for d in part.delta]
         axis.bar(part.order, part.delta, color=colours, width=1.0)
@@ -90,7 +93,8 @@ def plot_deltas(deltas: pd.DataFrame, collection: str, baseline: str, path: Path
         axis.set_ylabel("Δ")
         axis.set_title(f"{run} − {baseline}: mean {part.delta.mean():+.4f}", fontsize=9)
     measure = mine.measure.iloc[0] if len(mine) else ""
-    axes[-1, 0].set_xlabel(f"queries of {collection}, sorted by Δ {measure}")
+    if runs:
+        axes[-1, 0].set_xlabel(f"queries of {collection}, sorted by Δ {measure}")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -137,7 +141,6 @@ def run(
     pngs = [
         str(plot_deltas(deltas, name, cfg.baseline, Path(paths.plots) / DELTAS_PNG_FOLDER / f"{name}.png"))
         for name in evaluation
-        if (deltas.collection == name).any()
     ]
     return {"metrics": metrics, "plots": pngs}
 

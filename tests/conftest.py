@@ -1,0 +1,126 @@
+"""Shared fixtures: the tiny fixture collection, params built for it, and a throw-away copy of the repository
+in which ``dvc repro`` runs the real DAG."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tiny"
+SHARED_DATA = REPO.parent / "shared" / "data"
+BIN = Path(sys.executable).parent
+
+# What a copy of the repository needs for `dvc repro`: the DAG, the code it names as dependencies, DVC config.
+REPO_FILES = ("dvc.yaml", ".dvcignore", ".dvc/config", "pipeline")
+
+
+def tiny_params(root: Path | None = None, source: Path = FIXTURE, **overrides: object) -> dict:
+    """params.yaml contents for the fixture collection: every section dvc.yaml names, paths under ``root``
+    (relative paths, as in the repository itself, when ``root`` is None)."""
+    base = Path(root) if root is not None else Path()
+    params = {
+        "paths": {
+            "sources": str(base / "data/sources"),
+            "collections": str(base / "data/collections"),
+            "indexes": str(base / "data/indexes"),
+            "retrieval": str(base / "data/retrieval"),
+            "evaluation": str(base / "data/evaluation"),
+            "metrics": str(base / "metrics"),
+            "plots": str(base / "plots"),
+        },
+        "collections": {"tiny": {"source": str(source)}},
+        "ir_datasets": {},
+        "train": {"collection": "tiny", "split": "train"},
+        "evaluation": {"tiny": {"split": "test"}},
+        "retrieve": {"methods": ["bm25"], "depth": 10, "threads": 1},
+        "prepare": {"on_unknown_qrels": "warn"},
+        "index": {"threads": 1},
+        "evaluate": {"measures": ["nDCG@10", "RR@10", "R@100"], "baseline": "bm25"},
+        "schedule": {"cron": "0 3 * * *"},
+    }
+    for section, values in overrides.items():
+        params[section] = {**params.get(section, {}), **values} if isinstance(values, dict) else values
+    return params
+
+
+def write_params(path: Path, params: dict) -> Path:
+    path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """The environment the Makefile gives commands: the venv first on PATH, analytics off, offline hub."""
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        DO_NOT_TRACK="1",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        HF_HUB_OFFLINE="1",
+    )
+    env.update(extra)
+    return env
+
+
+def make_repo_copy(dest: Path, params: dict) -> Path:
+    """A git + DVC repository at ``dest`` with this repository's DAG and code and the given params.
+
+    Relative paths in ``params`` work as they do in the real repository (relative to ``dest``).
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in REPO_FILES:
+        source = REPO / name
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+    write_params(dest / "params.yaml", params)
+    env = tool_env()
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True, env=env)
+    return dest
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture
+def fixture_collection() -> Path:
+    return FIXTURE
+
+
+@pytest.fixture
+def bad_collection(tmp_path: Path):
+    """A writable copy of the fixture collection, for tests that break one file."""
+
+    def make() -> Path:
+        target = tmp_path / "collection"
+        shutil.copytree(FIXTURE, target)
+        return target
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fixture collection prepared, indexed and retrieved once per session (stage functions, no DVC)."""
+    from pipeline.config import parse_params
+    from pipeline.stages import evaluate, index, prepare, retrieve
+
+    root = tmp_path_factory.mktemp("tiny-pipeline")
+    params = parse_params(tiny_params(root))
+    prepare.run("tiny", params.collections["tiny"], params.prepare, params.paths)
+    index.run("tiny", params.index, params.paths)
+    retrieve.run("tiny", params.evaluation["tiny"], params.retrieve, params.paths)
+    evaluate.run(params.evaluation, {"tiny": 1}, params.evaluate, params.paths)
+    write_params(root / "params.yaml", tiny_params(root))
+    return root
