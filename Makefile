@@ -31,7 +31,7 @@ run: install
 	$(BIN)/dvc repro
 	@echo
 	@echo "Results:"
-	@echo "  metrics:       metrics/eval.json (per run and collection), metrics/retrieval.json"
+	@echo "  metrics:       metrics/eval.json (every run on every evaluation collection)"
 	@echo "  per query:     data/evaluation/per_query.parquet, plots/deltas/*.png"
 	@echo "  runs:          data/retrieval/<collection>/runs/*.trec"
 	@echo "  tables (SQL):  $(VENV)/bin/distillrank sql \"SELECT * FROM candidates LIMIT 5\"   or   make sql"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import logging
 import os
 import queue
 import re
@@ -109,6 +110,20 @@ def repro_command(dvc: str, stage: str, force: bool) -> list[str]:
     ['dvc', 'repro', '--single-item', '--force', 'prepare@scifact']
     """
     return [dvc, "repro", "--single-item", *(["--force"] if force else []), stage]
+
+
+def stderr_level(line: str) -> int:
+    """The log level of a stderr line: DVC's ``ERROR:``/``WARNING:`` lines keep theirs; the rest (progress
+    bars, library chatter) is information.
+
+    >>> [logging.getLevelName(stderr_level(x)) for x in ["ERROR: failed", "WARNING: x", "bm25: 100%"]]
+    ['ERROR', 'WARNING', 'INFO']
+    """
+    if line.startswith("ERROR"):
+        return logging.ERROR
+    if line.startswith("WARNING"):
+        return logging.WARNING
+    return logging.INFO
 
 
 def failure_message(stage: str, returncode: int, stderr_tail: Sequence[str]) -> str:
@@ -300,7 +315,7 @@ def list_stages(repo_dir: str) -> list[str]:
     cache_policy=NO_CACHE,
 )
 def repro_stage(repo_dir: str, stage: str, force: bool = False) -> StageResult:
-    """``dvc repro --single-item <stage>``; its output goes to the run logs (stderr as warnings)."""
+    """``dvc repro --single-item <stage>``; its output, stdout and stderr, goes to the run logs as it comes."""
     logger = get_run_logger()
     command = repro_command(_dvc_executable(), stage, force)
     logger.info("$ %s", " ".join(command))
@@ -318,7 +333,7 @@ def repro_stage(repo_dir: str, stage: str, force: bool = False) -> StageResult:
             logger.info(line)
         else:
             stderr_tail.append(line)
-            logger.warning(line)
+            logger.log(stderr_level(line), line)
     if returncode != 0:
         raise StageFailed(failure_message(stage, returncode, list(stderr_tail)))
     outcome = stage_outcome(stage, "\n".join(stdout))

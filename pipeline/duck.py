@@ -6,6 +6,7 @@ with the ``collection`` column telling them apart. Views are created for the tab
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 import duckdb
@@ -28,10 +29,10 @@ def view_statements(paths: Paths, root: Path | str = ".") -> list[str]:
     root = Path(root)
     statements = []
     for spec in TABLES.values():
-        pattern = table_glob(spec, paths)
-        if not any(root.glob(pattern)):
+        # an absolute path in params stays as it is (Path.glob rejects absolute patterns: glob.glob does not)
+        location = str((root / table_glob(spec, paths)).resolve())
+        if not glob.glob(location):
             continue
-        location = str((root / pattern).resolve()) if not Path(pattern).is_absolute() else pattern
         statements.append(
             f"CREATE OR REPLACE VIEW {spec.name} AS "
             f"SELECT * FROM read_parquet({_sql_string(location)}, union_by_name = true);"

@@ -117,7 +117,7 @@ def build_index(corpus: pd.DataFrame, index_dir: Path | str, cfg: IndexConfig) -
         result = subprocess.run(
             pyserini_command("pyserini.index.lucene", args), capture_output=True, text=True, check=False
         )
-        if result.returncode != 0 or not (built / "segments_1").exists() and not list(built.glob("segments_*")):
+        if result.returncode != 0 or not list(built.glob("segments_*")):
             raise LuceneError(f"indexing failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
         if index_dir.exists():
             shutil.rmtree(index_dir)

@@ -96,8 +96,12 @@ def test_unknown_top_level_key_is_named_with_a_suggestion() -> None:
     [
         ("retrieve", {"dpeth": 5}, "retrieve.dpeth", "depth"),
         ("retrieve", {"bm25": {"k": 1.2}}, "retrieve.bm25.k", "k1"),
-        ("collections", {"tiny": {"source": "x", "min_relevence": 2}}, "collections.tiny.min_relevence",
-         "min_relevance"),
+        (
+            "collections",
+            {"tiny": {"source": "x", "min_relevence": 2}},
+            "collections.tiny.min_relevence",
+            "min_relevance",
+        ),
         ("evaluation", {"tiny": {"splt": "test"}}, "evaluation.tiny.splt", "split"),
         ("prepare", {"on_unknown_qrel": "drop"}, "prepare.on_unknown_qrel", "on_unknown_qrels"),
         ("paths", {"colections": "x"}, "paths.colections", "collections"),
@@ -141,9 +145,7 @@ def test_error_message_names_the_params_file(tmp_path: Path) -> None:
         ("prepare", {"on_unknown_qrels": "maybe"}, "prepare.on_unknown_qrels", "'maybe'"),
     ],
 )
-def test_wrong_type_or_value_names_the_key_and_the_value(
-    section: str, value: dict, key_path: str, got: str
-) -> None:
+def test_wrong_type_or_value_names_the_key_and_the_value(section: str, value: dict, key_path: str, got: str) -> None:
     message = config_error({**minimal(), section: value})
     assert f"  {key_path}: " in message
     assert f"(got {got})" in message
