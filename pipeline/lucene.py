@@ -106,11 +106,16 @@ def build_index(corpus: pd.DataFrame, index_dir: Path | str, cfg: IndexConfig) -
                 out.write(json.dumps({"id": doc_id, "contents": document_contents(title, text)}) + "\n")
         built = work / "index"
         args = [
-            "--collection", "JsonCollection",
-            "--input", str(docs_dir),
-            "--index", str(built),
-            "--generator", "DefaultLuceneDocumentGenerator",
-            "--threads", str(cfg.threads),
+            "--collection",
+            "JsonCollection",
+            "--input",
+            str(docs_dir),
+            "--index",
+            str(built),
+            "--generator",
+            "DefaultLuceneDocumentGenerator",
+            "--threads",
+            str(cfg.threads),
         ]
         args += ["--storePositions"] * cfg.store_positions + ["--storeDocvectors"] * cfg.store_docvectors
         args += ["--storeRaw"] * cfg.store_raw

@@ -136,16 +136,13 @@ def read_beir_qrels(path: Path) -> pd.DataFrame:
                 parts = [parts[0], parts[2], parts[3]]
             if len(parts) != 3:
                 raise CollectionError(
-                    f"{path}:{line_no}: expected 3 tab-separated fields 'query-id corpus-id score', "
-                    f"got {len(parts)}"
+                    f"{path}:{line_no}: expected 3 tab-separated fields 'query-id corpus-id score', got {len(parts)}"
                 )
             query_id, doc_id, score = (p.strip() for p in parts)
             try:
                 relevance = int(score)
             except ValueError:
-                raise CollectionError(
-                    f"{path}:{line_no}: relevance score must be an integer, got {score!r}"
-                ) from None
+                raise CollectionError(f"{path}:{line_no}: relevance score must be an integer, got {score!r}") from None
             rows.append((query_id, doc_id, relevance))
     frame = pd.DataFrame(rows, columns=["query_id", "doc_id", "relevance"])
     frame["split"] = split
@@ -287,8 +284,10 @@ def load_ir_datasets(
         if dataset.has_queries():
             query_frames.append(
                 pd.DataFrame(
-                    [(str(q.query_id), q.text if hasattr(q, "text") else q.default_text())
-                     for q in dataset.queries_iter()],
+                    [
+                        (str(q.query_id), q.text if hasattr(q, "text") else q.default_text())
+                        for q in dataset.queries_iter()
+                    ],
                     columns=["query_id", "text"],
                 )
             )

@@ -207,3 +207,23 @@ def test_unknown_stage_exits_2(tiny_pipeline: Path) -> None:
     result = distillrank(tiny_pipeline, "stage", "nosuch")
     assert result.returncode == 2
     assert "usage: distillrank stage" in result.stderr
+
+
+def test_duckdb_shell_sees_the_same_views(tiny_pipeline: Path, tmp_path: Path) -> None:
+    """What `make sql` does: the duckdb-cli shell started with the printed views as its init file."""
+    import subprocess
+
+    views = run_cli(["distillrank", "sql", "--print-views"], tiny_pipeline)
+    assert views.returncode == 0, views.stderr
+    init = tmp_path / "views.sql"
+    init.write_text(views.stdout)
+    shell = subprocess.run(
+        [str(BIN / "duckdb"), "-csv", "-init", str(init)],
+        input="SELECT count(*) AS n FROM corpus;\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout.strip().splitlines()[-1] == "15"

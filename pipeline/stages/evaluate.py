@@ -117,9 +117,7 @@ def run(
         split_ids = set(queries.loc[in_split(queries["split"], evaluation_cfg.split), "query_id"])
         runs = collection_runs(paths, name, cfg.include_shipped_runs)
         if cfg.baseline not in runs:
-            raise ConfigError(
-                f"evaluate.baseline: run {cfg.baseline!r} is missing on {name} (runs: {sorted(runs)})"
-            )
+            raise ConfigError(f"evaluate.baseline: run {cfg.baseline!r} is missing on {name} (runs: {sorted(runs)})")
         results = {}
         for run_name, frame in runs.items():
             frame = frame[frame.query_id.isin(split_ids)]
