@@ -9,7 +9,6 @@ stage's output is streamed into the Prefect run logs. At the end the evaluation 
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import os
@@ -63,26 +62,17 @@ def execution_order(stages: Sequence[str], edges: Iterable[tuple[str, str]]) -> 
     >>> execution_order(["evaluate", "prepare"], [("prepare", "evaluate")])
     ['prepare', 'evaluate']
     """
+    import networkx as nx  # DVC's own graph library
+
     position = {name: i for i, name in enumerate(stages)}
-    downstream: dict[str, set[str]] = {name: set() for name in stages}
-    waiting_on = dict.fromkeys(stages, 0)
-    for up, down in set(edges):
-        downstream[up].add(down)
-        waiting_on[down] += 1
-    ready = [(position[name], name) for name, count in waiting_on.items() if count == 0]
-    heapq.heapify(ready)
-    order: list[str] = []
-    while ready:
-        _, name = heapq.heappop(ready)
-        order.append(name)
-        for down in downstream[name]:
-            waiting_on[down] -= 1
-            if waiting_on[down] == 0:
-                heapq.heappush(ready, (position[down], down))
-    if len(order) != len(stages):
-        cycle = sorted(set(stages) - set(order))
-        raise ValueError(f"the stage graph has a cycle through {cycle}")
-    return order
+    graph = nx.DiGraph()
+    graph.add_nodes_from(stages)
+    graph.add_edges_from(edges)
+    try:
+        return list(nx.lexicographical_topological_sort(graph, key=position.__getitem__))
+    except nx.NetworkXUnfeasible:
+        cycle = sorted({node for edge in nx.find_cycle(graph) for node in edge[:2]})
+        raise ValueError(f"the stage graph has a cycle through {cycle}") from None
 
 
 def stage_outcome(stage: str, output: str) -> Outcome:
