@@ -120,7 +120,7 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params = parse_params(tiny_params(root))
     prepare.run("tiny", params.collections["tiny"], params.prepare, params.paths)
     index.run("tiny", params.index, params.paths)
-    retrieve.run("tiny", params.evaluation["tiny"], params.retrieve, params.paths)
+    retrieve.run("tiny", params.retrieve, params.paths)
     evaluate.run(params.evaluation, {"tiny": 1}, params.evaluate, params.paths)
     write_params(root / "params.yaml", tiny_params(root))
     return root

@@ -10,10 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import schemas
-from pipeline.config import ConfigError, EvaluationCollection, Paths, RetrieveConfig, load_params
+from pipeline.config import ConfigError, Paths, RetrieveConfig, load_params
 from pipeline.io import read_table, read_trec_run
 from pipeline.lucene import document_contents
 from pipeline.stages import retrieve
+from pipeline.stages.common import split_queries
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -35,8 +36,8 @@ def test_candidates_schema(params) -> None:
     assert schema.equals(schemas.CANDIDATES, check_metadata=False)
 
 
-def test_candidates_cover_the_test_queries_only(candidates: pd.DataFrame) -> None:
-    assert sorted(candidates.query_id.unique()) == ["q1", "q2", "q3", "q4"]
+def test_candidates_cover_every_query(candidates: pd.DataFrame) -> None:
+    assert sorted(candidates.query_id.unique()) == [f"q{i}" for i in range(1, 9)]
     assert set(candidates.collection) == {"tiny"}
     assert set(candidates.method) == {"bm25"}
     assert not candidates.duplicated(["query_id", "doc_id", "method"]).any()
@@ -78,9 +79,9 @@ def test_depth_limits_the_candidates(params, tmp_path: Path) -> None:
         collections=params.paths.collections, indexes=params.paths.indexes, retrieval=str(tmp_path / "retrieval")
     )
     cfg = RetrieveConfig(depth=2, threads=1)
-    summary = retrieve.run("tiny", EvaluationCollection(split="test"), cfg, paths)
+    summary = retrieve.run("tiny", cfg, paths)
     shallow = read_table(paths.retrieval_dir("tiny") / schemas.TABLES["candidates"].filename)
-    assert summary["queries"] == 4
+    assert summary["queries"] == {"test": 4, "train": 4}
     assert summary["candidates"] == len(shallow)
     assert shallow.groupby("query_id").size().max() == 2
     deep = read_table(params.paths.retrieval_dir("tiny") / schemas.TABLES["candidates"].filename)
@@ -91,20 +92,18 @@ def test_depth_limits_the_candidates(params, tmp_path: Path) -> None:
     )
 
 
-def test_retrieve_on_the_train_split(params, tmp_path: Path) -> None:
-    paths = Paths(
-        collections=params.paths.collections, indexes=params.paths.indexes, retrieval=str(tmp_path / "retrieval")
-    )
-    retrieve.run("tiny", EvaluationCollection(split="train"), RetrieveConfig(depth=3, threads=1), paths)
-    train = read_table(paths.retrieval_dir("tiny") / schemas.TABLES["candidates"].filename)
-    assert set(train.query_id) <= {"q5", "q6", "q7", "q8"}
-    top = train[train["rank"] == 1].set_index("query_id").doc_id
+def test_every_split_is_retrieved(candidates: pd.DataFrame, params) -> None:
+    """The training split gets candidates too (the teacher labels them); evaluate keeps its own split."""
+    assert {"q1", "q2", "q3", "q4", "q5", "q6", "q7", "q8"} <= set(candidates.query_id)
+    top = candidates[candidates["rank"] == 1].set_index("query_id").doc_id
     assert top["q5"] == "d8"  # vaccines
+    per_query = pd.read_parquet(Path(params.paths.evaluation) / "per_query.parquet")
+    assert set(per_query.query_id) == {"q1", "q2", "q3", "q4"}
 
 
 def test_empty_split_names_the_parameter(params) -> None:
     with pytest.raises(ConfigError, match=r"evaluation\.tiny\.split: no queries in split 'dev'") as info:
-        retrieve.split_queries(params.paths, "tiny", "dev")
+        split_queries(params.paths, "tiny", "dev", "evaluation.tiny.split")
     assert "['test', 'train']" in str(info.value)
 
 

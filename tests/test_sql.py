@@ -43,12 +43,12 @@ def test_views_of_the_prepared_tables(tiny_pipeline: Path, view: str, rows: int)
 
 
 def test_views_of_the_retrieval_and_evaluation_tables(tiny_pipeline: Path) -> None:
-    # 4 test queries; BM25 returns only documents that share a term with the query (at most depth=10)
+    # all 8 queries (4 test, 4 train); BM25 returns only documents sharing a term with the query (depth=10)
     n, queries, methods = sql(
         tiny_pipeline, "SELECT count(*), count(DISTINCT query_id), list(DISTINCT method) FROM candidates"
     )[0]
-    assert 4 <= n <= 40
-    assert queries == 4
+    assert 8 <= n <= 80
+    assert queries == 8
     assert methods == ["bm25"]
     runs = sql(tiny_pipeline, "SELECT DISTINCT run FROM eval_per_query ORDER BY run")
     assert runs == [("bm25",), ("shipped-weak",)]

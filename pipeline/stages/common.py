@@ -9,9 +9,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.config import DEFAULT_PARAMS_FILE, ConfigError, Params, load_params
-from pipeline.io import RunFormatError
-from pipeline.sources import CollectionError
+import pandas as pd
+
+from pipeline import schemas
+from pipeline.config import DEFAULT_PARAMS_FILE, ConfigError, Params, Paths, load_params
+from pipeline.io import RunFormatError, read_table
+from pipeline.sources import CollectionError, in_split
 
 # Errors a user can fix: printed as one clear line, without a traceback.
 USER_ERRORS = (ConfigError, CollectionError, RunFormatError, FileNotFoundError)
@@ -35,3 +38,13 @@ def stage_main(
         return 2
     print(json.dumps({"stage": stage, **summary}, indent=2, default=str))
     return 0
+
+
+def split_queries(paths: Paths, name: str, split: str, parameter: str) -> pd.DataFrame:
+    """The queries of ``split`` in collection ``name``; an empty split is an error naming ``parameter``."""
+    queries = read_table(paths.collection_dir(name) / schemas.TABLES["queries"].filename)
+    selected = queries[in_split(queries["split"], split)]
+    if selected.empty:
+        known = sorted({s for joined in queries["split"] for s in joined.split(",")})
+        raise ConfigError(f"{parameter}: no queries in split {split!r} of {name} (splits here: {known})")
+    return selected.reset_index(drop=True)

@@ -17,7 +17,7 @@ from pipeline import schemas
 from pipeline.config import ConfigError, EvaluateConfig, EvaluationCollection, Params, Paths
 from pipeline.io import atomic_path, read_table, write_json, write_table, write_text
 from pipeline.metrics import evaluate_run
-from pipeline.sources import in_split
+from pipeline.stages.common import split_queries
 
 SHIPPED_PREFIX = "shipped-"
 EVAL_METRICS_FILE = "eval.json"
@@ -111,10 +111,10 @@ def run(
     metrics: dict[str, dict] = {}
     per_query_frames = []
     for name, evaluation_cfg in evaluation.items():
-        queries = read_table(paths.collection_dir(name) / schemas.TABLES["queries"].filename)
+        queries = split_queries(paths, name, evaluation_cfg.split, f"evaluation.{name}.split")
         qrels = read_table(paths.collection_dir(name) / schemas.TABLES["qrels"].filename)
         qrels = qrels[qrels.split == evaluation_cfg.split]
-        split_ids = set(queries.loc[in_split(queries["split"], evaluation_cfg.split), "query_id"])
+        split_ids = set(queries["query_id"])
         runs = collection_runs(paths, name, cfg.include_shipped_runs)
         if cfg.baseline not in runs:
             raise ConfigError(f"evaluate.baseline: run {cfg.baseline!r} is missing on {name} (runs: {sorted(runs)})")

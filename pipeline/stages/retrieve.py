@@ -1,5 +1,9 @@
-"""retrieve: first-stage runs for one evaluation collection's queries → the ``candidates`` table and a TREC
-run file per method (``<paths.retrieval>/<collection>/runs/<method>.trec``)."""
+"""retrieve: first-stage runs for every query of one collection → the ``candidates`` table and a TREC run file
+per method (``<paths.retrieval>/<collection>/runs/<method>.trec``).
+
+Every split is retrieved (BM25 costs milliseconds a query): ``evaluate`` keeps the evaluation split, the
+teacher labels the training split, so neither re-runs retrieval when the other's split changes.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +13,15 @@ import time
 import pandas as pd
 
 from pipeline import schemas
-from pipeline.config import ConfigError, EvaluationCollection, Params, Paths, RetrieveConfig
+from pipeline.config import ConfigError, Params, Paths, RetrieveConfig
 from pipeline.io import read_table, write_table, write_trec_run
 from pipeline.lucene import bm25_search
-from pipeline.sources import in_split
 
 RUNS_FOLDER = "runs"
 
 
-def split_queries(paths: Paths, name: str, split: str) -> pd.DataFrame:
-    """The queries of ``split`` in collection ``name``; an empty split is an error naming the parameter."""
+def run(name: str, cfg: RetrieveConfig, paths: Paths) -> dict:
     queries = read_table(paths.collection_dir(name) / schemas.TABLES["queries"].filename)
-    selected = queries[in_split(queries["split"], split)]
-    if selected.empty:
-        known = sorted({s for joined in queries["split"] for s in joined.split(",")})
-        raise ConfigError(f"evaluation.{name}.split: no queries in split {split!r} (splits here: {known})")
-    return selected.reset_index(drop=True)
-
-
-def run(name: str, evaluation: EvaluationCollection, cfg: RetrieveConfig, paths: Paths) -> dict:
-    queries = split_queries(paths, name, evaluation.split)
     out = paths.retrieval_dir(name)
     frames, timings = [], {}
     for method in cfg.methods:
@@ -45,8 +38,7 @@ def run(name: str, evaluation: EvaluationCollection, cfg: RetrieveConfig, paths:
     write_table(candidates, spec.schema, out / spec.filename)
     return {
         "collection": name,
-        "split": evaluation.split,
-        "queries": len(queries),
+        "queries": queries["split"].value_counts().sort_index().to_dict(),
         "candidates": len(candidates),
         "methods": list(cfg.methods),
         "seconds": timings,
@@ -55,9 +47,8 @@ def run(name: str, evaluation: EvaluationCollection, cfg: RetrieveConfig, paths:
 
 def _body(params: Params, name: str | None) -> dict:
     assert name is not None
-    if name not in params.evaluation:
-        raise ConfigError(f"evaluation.{name}: not an evaluation collection (known: {sorted(params.evaluation)})")
-    return run(name, params.evaluation[name], params.retrieve, params.paths)
+    params.collection(name)
+    return run(name, params.retrieve, params.paths)
 
 
 def main(argv: list[str] | None = None) -> int:
