@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import re
 from pathlib import Path
-from typing import Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -132,6 +132,56 @@ class EvaluateConfig:
             except (ValueError, NameError, SyntaxError) as err:
                 raise ValueError(f"unknown ir_measures measure {name!r}") from err
         return measures
+
+
+@dataclass(config=STRICT)
+class EndpointConfig:
+    """Where the teacher is. ``api_key_env`` names the environment variable holding the key (read once, when the
+    client is made, so the key is never in params.yaml or a cache record); empty or None: no key needed."""
+
+    base_url: str
+    model: str
+    api_key_env: str | None = "OPENAI_API_KEY"
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=5, ge=0)
+    max_concurrency: int = Field(default=4, ge=1)
+
+
+@dataclass(config=STRICT)
+class SamplingConfig:
+    """Sampling parameters; part of every call's cache key. ``top_logprobs`` also turns ``logprobs`` on."""
+
+    temperature: float = Field(default=0.0, ge=0)
+    max_tokens: int = Field(default=256, ge=1)
+    seed: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The parameters that are set. Unset (None) ones are left out, so a new optional parameter added later
+        does not change the key of every call already cached."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: value for name, value in values.items() if value is not None}
+
+    def request_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``chat.completions.create``."""
+        kwargs = self.as_dict()
+        if self.top_logprobs is not None:
+            kwargs["logprobs"] = True
+        return kwargs
+
+
+@dataclass(config=STRICT)
+class Budget:
+    """Limits on what one ``CachedTeacher`` may spend over its lifetime; None: no limit. Cached calls are free."""
+
+    max_prompt_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    max_cost_usd: float | None = None
+    price_per_1k_prompt: float = 0.0
+    price_per_1k_completion: float = 0.0
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return prompt_tokens / 1000 * self.price_per_1k_prompt + completion_tokens / 1000 * self.price_per_1k_completion
 
 
 @dataclass(config=STRICT)

@@ -270,7 +270,7 @@ def passages_shown(messages: list[dict[str, str]]) -> list[str]:
     return [m["content"].split("] ", 1)[1] for m in messages[3:-1:2]]
 
 
-def reverse_each_window(messages: list[dict[str, str]]) -> str:
+def reverse_each_window(messages: list[dict[str, str]], attempt: int = 0) -> str:
     """A fake teacher that ranks every window bottom-up: ``[k] > ... > [1]``."""
     k = len(passages_shown(messages))
     return " > ".join(f"[{i}]" for i in range(k, 0, -1))
@@ -285,7 +285,7 @@ def test_the_driver_on_seven_passages_by_hand() -> None:
     passages = [f"passage {i}" for i in range(7)]
     seen: list[list[str]] = []
 
-    def ask(messages: list[dict[str, str]]) -> str:
+    def ask(messages: list[dict[str, str]], attempt: int = 0) -> str:
         seen.append(passages_shown(messages))
         return reverse_each_window(messages)
 
@@ -303,14 +303,14 @@ def test_the_driver_on_seven_passages_by_hand() -> None:
 
 def test_identity_and_failed_windows_leave_the_ranking_alone() -> None:
     passages = [f"p{i}" for i in range(7)]
-    keep = rerank_sliding_window("q", passages, lambda m: "[1] > [2] > [3] > [4]", window=4, step=2)
+    keep = rerank_sliding_window("q", passages, lambda m, attempt=0: "[1] > [2] > [3] > [4]", window=4, step=2)
     # the last window has 3 passages: "[4]" is out of range there, so that call is repaired, still the identity
     assert keep.order == tuple(range(7))
     assert [c.identity for c in keep.calls] == [True, True, True]
     assert [c.parsed.status for c in keep.calls] == ["ok", "ok", "repaired"]
     assert keep.identity_calls == 3
 
-    silent = rerank_sliding_window("q", passages, lambda m: "", window=4, step=2)
+    silent = rerank_sliding_window("q", passages, lambda m, attempt=0: "", window=4, step=2)
     assert silent.order == tuple(range(7))
     assert silent.failed_calls == 3 and silent.identity_calls == 3
 
@@ -319,7 +319,7 @@ def test_a_model_that_prefers_one_passage_carries_it_to_the_top() -> None:
     # The relevant passage starts last; each window puts it first, so it climbs through every window.
     passages = [f"filler {i}" for i in range(9)] + ["the answer"]
 
-    def ask(messages: list[dict[str, str]]) -> str:
+    def ask(messages: list[dict[str, str]], attempt: int = 0) -> str:
         shown = passages_shown(messages)
         first = shown.index("the answer") + 1 if "the answer" in shown else 1
         return f"[{first}]"  # partial answers: the rest keep their order
@@ -335,7 +335,7 @@ def test_the_driver_with_few_or_no_passages() -> None:
     assert one_window.order == (1, 0) and len(one_window.calls) == 1
     assert one_window.calls[0].start == 0 and one_window.calls[0].end == 2
 
-    def never(messages: list[dict[str, str]]) -> str:
+    def never(messages: list[dict[str, str]], attempt: int = 0) -> str:
         raise AssertionError("no call for an empty list")
 
     empty = rerank_sliding_window("q", [], never)
@@ -349,3 +349,24 @@ def test_the_driver_uses_the_given_template(tmp_path: Path) -> None:
     assert isinstance(custom, PromptTemplate)
     result = rerank_sliding_window("q", ["a", "b"], reverse_each_window, template=custom)
     assert result.calls[0].messages[0]["content"] == "You rank passages."
+
+
+def test_failed_parse_is_asked_again_with_the_attempt_number() -> None:
+    """A garbage answer is retried (the caller changes seed/temperature by attempt), then kept and reported."""
+    attempts: list[int] = []
+
+    def garbage_then_good(messages: list[dict[str, str]], attempt: int = 0) -> str:
+        attempts.append(attempt)
+        return "I cannot rank these." if attempt == 0 else "[2] > [1]"
+
+    fixed = rerank_sliding_window("q", ["a", "b"], garbage_then_good, parse_retries=2)
+    assert attempts == [0, 1]
+    assert fixed.order == (1, 0)
+    assert fixed.calls[0].attempts == 2 and fixed.failed_calls == 0
+
+    attempts.clear()
+    hopeless = rerank_sliding_window(
+        "q", ["a", "b"], lambda m, attempt=0: attempts.append(attempt) or "no", parse_retries=2
+    )
+    assert attempts == [0, 1, 2]
+    assert hopeless.order == (0, 1) and hopeless.failed_calls == 1 and hopeless.calls[0].attempts == 3

@@ -18,7 +18,9 @@ from pipeline.teacher.templates import PromptTemplate, TemplateError, load_templ
 T = TypeVar("T")
 
 Message = dict[str, str]
-Ask = Callable[[list[Message]], str]
+# ask(messages, attempt) -> response text; attempt > 0 is a retry after an unparseable answer (the caller
+# changes the seed or temperature, so the retry is a different cached call).
+Ask = Callable[[list[Message], int], str]
 
 # RankGPT's defaults: 20 passages a window, moved by 10, each passage cut to 300 words.
 DEFAULT_WINDOW = 20
@@ -255,6 +257,7 @@ class WindowCall:
     response: str
     parsed: ParsedPermutation
     identity: bool
+    attempts: int = 1  # calls made for this window: 1 + retries after unparseable answers
 
 
 @dataclass(frozen=True)
@@ -281,15 +284,17 @@ def rerank_sliding_window(
     step: int = DEFAULT_STEP,
     max_words: int = DEFAULT_MAX_WORDS,
     template: PromptTemplate | None = None,
+    parse_retries: int = 0,
 ) -> ListwiseResult:
-    """Rerank ``passages`` (in first-stage order) with RankGPT's sliding window, asking ``ask`` once a window.
+    """Rerank ``passages`` (in first-stage order) with RankGPT's sliding window, asking ``ask`` once a window
+    (and up to ``parse_retries`` more times when an answer has no usable id; the last answer is kept).
 
     Windows go bottom to top and each is applied to the *current* ranking, as RankGPT does, so a passage the
     model likes can climb several windows in one pass.
 
     A model that reverses every window: (1, 4) turns [0, 1, 2, 3] into [0, 3, 2, 1], then (0, 2) swaps the top.
 
-    >>> reverse = lambda messages: " > ".join(f"[{i}]" for i in range((len(messages) - 4) // 2, 0, -1))
+    >>> reverse = lambda messages, attempt: " > ".join(f"[{i}]" for i in range((len(messages) - 4) // 2, 0, -1))
     >>> result = rerank_sliding_window("q", ["a", "b", "c", "d"], reverse, window=3, step=2)
     >>> [(c.start, c.end) for c in result.calls], result.order
     ([(1, 4), (0, 2)], (3, 0, 2, 1))
@@ -300,8 +305,14 @@ def rerank_sliding_window(
     for start, end in sliding_windows(len(passages), window, step):
         shown = tuple(ranking[start:end])
         messages = rankgpt_messages(template, query, [passages[i] for i in shown], max_words)
-        response = ask(messages)
+        attempt = 0
+        response = ask(messages, attempt)
         parsed = parse_permutation(response, end - start)
+        while parsed.status == "failed" and attempt < parse_retries:
+            attempt += 1
+            response = ask(messages, attempt)
+            parsed = parse_permutation(response, end - start)
         ranking = apply_permutation(ranking, start, end, parsed.order)
-        calls.append(WindowCall(start, end, shown, tuple(messages), response, parsed, is_identity(parsed.order)))
+        identity = is_identity(parsed.order)
+        calls.append(WindowCall(start, end, shown, tuple(messages), response, parsed, identity, attempt + 1))
     return ListwiseResult(tuple(ranking), tuple(calls))

@@ -1,0 +1,338 @@
+"""The teacher call cache: every completed LLM call, keyed by what determines its answer, kept forever.
+
+It is the most valuable artifact of the pipeline (it holds what was paid for), so it is built to survive a
+kill at any moment and to be read by anything:
+
+- Storage is append-only JSONL *shards* in one folder, one shard per writing process
+  (``calls-<utc timestamp>-<pid>-<random>.jsonl``), one JSON object per completed call, each written with
+  ``flush()`` + ``os.fsync()``. A SIGKILL loses at most the calls in flight; a torn last line (a record cut
+  short by a crash) is skipped and counted on reading. Since no process ever appends to another's shard, a torn
+  line is never glued to a later record.
+- Why not SQLite: DuckDB reads JSONL natively (``read_json``, built in), whereas reading SQLite from DuckDB
+  needs the sqlite extension, a download that is impossible offline here; a JSONL shard is also greppable and
+  diffable, and two processes appending to their own files need no locking.
+- Why not Parquet shards: Parquet is written a file at a time, so one file per call would mean thousands of
+  tiny files, and batching calls into one file would lose the whole batch on a kill.
+- The fsync per record costs about a millisecond, against the seconds an LLM call takes.
+
+Only ``ok`` records are served from the cache; ``error`` records are kept for inspection and the call is made
+again on the next run. Records never hold HTTP headers or the API key, by construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import secrets
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from pipeline.io import atomic_path
+
+SHARD_GLOB = "calls-*.jsonl"
+
+Status = Literal["ok", "error"]
+
+
+def _normalise(value: Any) -> Any:
+    """JSON-ready ``value`` in one canonical form: integral floats as ints (``0.0`` and ``0``, as YAML or code
+    may spell a temperature, must give one key), tuples as lists, mappings as dicts."""
+    if isinstance(value, bool) or value is None or isinstance(value, str | int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, Mapping):
+        return {str(k): _normalise(v) for k, v in value.items()}
+    if isinstance(value, Sequence):
+        return [_normalise(v) for v in value]
+    raise TypeError(f"cannot key a value of type {type(value).__name__}: {value!r}")
+
+
+def canonical_json(value: Any) -> str:
+    """One spelling per value: sorted keys, no whitespace, UTF-8 kept as is, integral floats as ints.
+
+    >>> canonical_json({"b": 1.0, "a": [0.5, (1, 2)]})
+    '{"a":[0.5,[1,2]],"b":1}'
+    """
+    return json.dumps(_normalise(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def call_key(model: str, template_hash: str, messages: Sequence[Mapping[str, Any]], sampling: Mapping[str, Any]) -> str:
+    """The cache key of a call: sha256 of the canonical JSON of exactly the four things that decide its answer.
+
+    The order of keys in ``sampling`` (or in a message) does not matter; any change to the messages does:
+
+    >>> msgs = [{"role": "user", "content": "Rank [1] [2]"}]
+    >>> k = call_key("qwen", "abc123", msgs, {"temperature": 0.0, "max_tokens": 8})
+    >>> k == call_key("qwen", "abc123", msgs, {"max_tokens": 8, "temperature": 0})
+    True
+    >>> other = [{"role": "user", "content": "Rank [2] [1]"}]
+    >>> k == call_key("qwen", "abc123", other, {"temperature": 0.0, "max_tokens": 8})
+    False
+    >>> len(k)
+    64
+    """
+    payload = {"model": model, "template_hash": template_hash, "messages": messages, "sampling": sampling}
+    return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
+
+
+def utc_now() -> str:
+    """The current time as ISO 8601 UTC (``2025-01-02T03:04:05.123456+00:00``); DuckDB reads it as TIMESTAMPTZ."""
+    return datetime.now(UTC).isoformat()
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One completed call, as stored (one JSONL line). ``request`` holds the messages and sampling parameters;
+    ``logprobs`` the per-token log-probabilities the endpoint returned (``[{token, logprob, top_logprobs}]``)."""
+
+    key: str
+    model: str
+    template_hash: str
+    request: dict[str, Any]
+    response_text: str | None
+    logprobs: list[dict[str, Any]] | None
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    status: Status
+    error: str | None
+    timestamp: str
+    run_id: str
+    finish_reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> CallRecord:
+        names = {f.name for f in dataclasses.fields(cls)}
+        # unknown keys are ignored, so a shard written by a later version with more fields still loads
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    shards: int
+    records: int  # lines read that parsed
+    ok: int  # ok records (duplicates of a key included)
+    errors: int  # error records
+    keys: int  # distinct keys served from the cache
+    torn_lines: int  # unreadable lines skipped (a torn last line after a kill)
+    written: int  # records this process appended
+
+
+@dataclass(frozen=True)
+class ShardRead:
+    records: list[CallRecord]
+    torn_lines: int
+
+
+def read_shard(path: Path) -> ShardRead:
+    """The records of one shard. An unreadable line (a record cut short by a kill: partial JSON, or a line
+    whose fields do not make a record) is skipped and counted, wherever it is, so one bad line loses one call."""
+    records, torn = [], 0
+    with path.open("rb") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                records.append(CallRecord.from_dict(json.loads(line)))
+            except (ValueError, TypeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                torn += 1
+    return ShardRead(records, torn)
+
+
+def shard_paths(folder: Path | str) -> list[Path]:
+    """The folder's shards, oldest first (the names start with their UTC creation time)."""
+    return sorted(Path(folder).glob(SHARD_GLOB))
+
+
+def new_shard_name() -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"calls-{stamp}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
+
+
+class TeacherCache:
+    """The cache folder, loaded into an in-memory index ``key -> ok record`` when opened.
+
+    ``put`` appends to this process's own shard (created on the first ``put``, so a read-only open leaves no
+    file behind) and is thread-safe. Records that other processes append after the open are not seen until
+    the cache is opened again.
+    """
+
+    def __init__(self, folder: Path | str) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._index: dict[str, CallRecord] = {}
+        self._shard: Path | None = None
+        self._handle: IO[bytes] | None = None
+        self._shards = self._records = self._ok = self._errors = self._torn = self._written = 0
+        for path in shard_paths(self.folder):
+            shard = read_shard(path)
+            self._shards += 1
+            self._torn += shard.torn_lines
+            for record in shard.records:
+                self._count(record)
+
+    def _count(self, record: CallRecord) -> None:
+        self._records += 1
+        if record.ok:
+            self._ok += 1
+            # the first ok answer for a key wins: later duplicates (two runs racing on one key) are the same call
+            self._index.setdefault(record.key, record)
+        else:
+            self._errors += 1
+
+    def get(self, key: str) -> CallRecord | None:
+        """The ok record for ``key``, or None (error records are never served)."""
+        with self._lock:
+            return self._index.get(key)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._index
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._index)
+
+    def __iter__(self) -> Iterator[CallRecord]:
+        with self._lock:
+            return iter(list(self._index.values()))
+
+    @property
+    def shard(self) -> Path | None:
+        """This process's shard, once something was written."""
+        return self._shard
+
+    def put(self, record: CallRecord) -> None:
+        """Append ``record`` to this process's shard and make it durable (fsync) before returning."""
+        line = (record.to_json() + "\n").encode("utf-8")
+        with self._lock:
+            if self._handle is None:
+                self._shard = self.folder / new_shard_name()
+                self._handle = self._shard.open("ab")
+                self._shards += 1
+            # one write of the whole line, then flush + fsync: after a kill the line is either whole or torn
+            self._handle.write(line)
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._written += 1
+            self._count(record)
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(
+                shards=self._shards,
+                records=self._records,
+                ok=self._ok,
+                errors=self._errors,
+                keys=len(self._index),
+                torn_lines=self._torn,
+                written=self._written,
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._handle is not None:
+                self._handle.close()
+                self._handle = None
+
+    def __enter__(self) -> TeacherCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def compact(self, keep_errors: bool = False) -> Path | None:
+        """Rewrite every shard as one: one ok record per key (and, with ``keep_errors``, the error records).
+
+        Only run it when no other process is writing to the folder: it deletes the shards it read. The new
+        shard is renamed into place before the old ones go, so a crash in between leaves duplicates (harmless:
+        the first ok record of a key wins), never a loss. Returns the new shard (None for an empty folder).
+        """
+        with self._lock:
+            if self._handle is not None:
+                self._handle.close()
+                self._handle = None
+            old = shard_paths(self.folder)
+            if not old:
+                return None
+            kept: dict[str, CallRecord] = {}
+            errors: list[CallRecord] = []
+            for path in old:
+                for record in read_shard(path).records:
+                    if record.ok:
+                        kept.setdefault(record.key, record)
+                    elif keep_errors:
+                        errors.append(record)
+            target = self.folder / new_shard_name()
+            with atomic_path(target) as tmp, tmp.open("wb") as handle:
+                for record in [*kept.values(), *errors]:
+                    handle.write((record.to_json() + "\n").encode("utf-8"))
+                handle.flush()
+                os.fsync(handle.fileno())
+            for path in old:
+                path.unlink()
+            self._shard = None
+            self._index = dict(kept)
+            self._shards, self._records = 1, len(kept) + len(errors)
+            self._ok, self._errors, self._torn = len(kept), len(errors), 0
+            return target
+
+
+# The columns of the ``teacher_calls`` view, typed explicitly so that an empty shard, a torn line or a shard
+# of an older version (fewer fields) reads the same. JSON columns stay JSON for DuckDB's ``->>`` operators.
+TEACHER_CALLS_COLUMNS: dict[str, str] = {
+    "key": "VARCHAR",
+    "model": "VARCHAR",
+    "template_hash": "VARCHAR",
+    "request": "JSON",
+    "response_text": "VARCHAR",
+    "logprobs": "JSON",
+    "prompt_tokens": "BIGINT",
+    "completion_tokens": "BIGINT",
+    "latency_s": "DOUBLE",
+    "status": "VARCHAR",
+    "error": "VARCHAR",
+    "timestamp": "TIMESTAMPTZ",
+    "run_id": "VARCHAR",
+    "finish_reason": "VARCHAR",
+}
+
+
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def teacher_calls_view_sql(folder: Path | str) -> str:
+    """A ``SELECT`` over every shard in ``folder``: one row per stored record (ok and error alike), plus the
+    ``shard`` it came from. Wrap it as ``CREATE VIEW teacher_calls AS <this>``.
+
+    ``ignore_errors`` turns a torn line into a row of NULLs, which ``key IS NOT NULL`` drops. DuckDB's
+    ``read_json`` fails on a glob that matches no file, so a folder without shards (checked now, when the SQL is
+    made) gives an empty SELECT with the same columns and types instead.
+    """
+    columns = ", ".join(f"{name}: {_sql_string(kind)}" for name, kind in TEACHER_CALLS_COLUMNS.items())
+    names = ", ".join(TEACHER_CALLS_COLUMNS)
+    if not shard_paths(folder):
+        nulls = ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in TEACHER_CALLS_COLUMNS.items())
+        return f"SELECT {nulls}, CAST(NULL AS VARCHAR) AS shard WHERE false"
+    pattern = str(Path(folder).resolve() / SHARD_GLOB)
+    return (
+        f"SELECT {names}, filename AS shard FROM read_json({_sql_string(pattern)}, "
+        f"format = 'newline_delimited', ignore_errors = true, filename = true, columns = {{{columns}}}) "
+        f"WHERE key IS NOT NULL"
+    )

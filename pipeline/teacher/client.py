@@ -1,0 +1,430 @@
+"""The teacher client: an OpenAI-compatible chat endpoint behind the call cache.
+
+Any endpoint the official ``openai`` client can reach works (OpenAI, vLLM, llama.cpp's server, Ollama). Every
+call is looked up in the ``TeacherCache`` first; a call that is made is stored the moment it returns, whatever
+happens to the rest of the run. Retries with backoff (429, 408/409, 5xx, timeouts, dropped connections) are the
+``openai`` client's own, bounded by ``EndpointConfig.max_retries``; a call that still fails is stored as an
+``error`` record (for inspection; it is made again on the next run) and raised as ``TeacherCallError``.
+
+What the ``openai`` client (3.54) does with a broken 200 reply, which it does not retry:
+- a JSON body cut short (well framed): ``json.JSONDecodeError`` from ``response.json()``;
+- a body that is not JSON though labelled ``application/json``: ``JSONDecodeError`` or ``UnicodeDecodeError``;
+- a body labelled as something else (an HTML error page from a proxy): no error at all, ``create`` returns the
+  body as a ``str`` (strict response validation is off by default), so we check the type ourselves;
+- a connection dropped mid-body: ``APIConnectionError``, which it does retry.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import os
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+from openai.types.chat import ChatCompletion
+from tqdm import tqdm
+
+from pipeline.config import Budget, EndpointConfig, SamplingConfig
+from pipeline.teacher.cache import CallRecord, TeacherCache, call_key, utc_now
+
+Messages = Sequence[Mapping[str, Any]]
+
+# What the openai client is given when the endpoint needs no key (a local server): it refuses an empty key.
+NO_KEY = "no-key-needed"
+
+
+class TeacherConfigError(ValueError):
+    """The endpoint cannot be used as configured (e.g. its API key variable is not set)."""
+
+
+class TeacherCallError(RuntimeError):
+    """A call failed after the client's retries; its error record is in the cache. ``cause`` is the last error."""
+
+    def __init__(self, message: str, key: str | None = None, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.cause = cause
+
+
+class BudgetExceeded(RuntimeError):
+    """The next call would exceed the budget. Every call made so far is in the cache."""
+
+    def __init__(self, message: str, counters: TeacherCounters) -> None:
+        super().__init__(message)
+        self.counters = counters
+
+
+@dataclass(frozen=True)
+class TeacherCounters:
+    calls: int = 0  # calls made to the endpoint that succeeded
+    cached: int = 0  # answers served from the cache (or from an identical call earlier in the same batch)
+    errors: int = 0  # calls that failed after retries
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+def budget_refusal(budget: Budget, spent: TeacherCounters, in_flight: int) -> str | None:
+    """Why the next call would exceed ``budget`` (None if it would not).
+
+    A call's cost is known only once it returns, so the next one is estimated as the mean of the calls made so
+    far, and the calls still in flight are counted at that estimate too. With calls of equal size a budget of
+    N calls' worth allows exactly N.
+
+    >>> b = Budget(max_prompt_tokens=35)
+    >>> budget_refusal(b, TeacherCounters(calls=2, prompt_tokens=20), in_flight=0) is None
+    True
+    >>> budget_refusal(b, TeacherCounters(calls=3, prompt_tokens=30), in_flight=0)
+    'prompt tokens: 30 spent + 10 estimated for 0 in flight and the next > 35'
+    """
+    made = max(spent.calls, 1)
+    ahead = in_flight + 1
+    limits = [
+        ("prompt tokens", budget.max_prompt_tokens, spent.prompt_tokens),
+        ("completion tokens", budget.max_completion_tokens, spent.completion_tokens),
+        ("cost (USD)", budget.max_cost_usd, spent.cost_usd),
+    ]
+    for name, limit, used in limits:
+        if limit is None:
+            continue
+        estimate = used / made * ahead
+        if used >= limit or used + estimate > limit:
+            return f"{name}: {used:g} spent + {estimate:g} estimated for {in_flight} in flight and the next > {limit:g}"
+    return None
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """One answer. ``logprobs``: per generated token, ``{token: logprob}`` over its top alternatives (None when
+    log-probabilities were not asked for). ``latency_s`` is the original call's, also when served from the cache."""
+
+    key: str
+    text: str
+    logprobs: list[dict[str, float]] | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached: bool
+    latency_s: float
+    finish_reason: str | None = None
+
+
+def resolve_api_key(api_key_env: str | None) -> str:
+    """The key from the environment variable named ``api_key_env``; ``NO_KEY`` when no variable is named."""
+    if not api_key_env:
+        return NO_KEY
+    key = os.environ.get(api_key_env)
+    if not key:
+        raise TeacherConfigError(
+            f"the teacher endpoint's API key is read from the environment variable {api_key_env!r}, which is not "
+            f"set (export it, or set api_key_env to null for an endpoint that needs no key)"
+        )
+    return key
+
+
+def make_client(endpoint: EndpointConfig, api_key: str) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=endpoint.base_url, api_key=api_key, timeout=endpoint.timeout_s, max_retries=endpoint.max_retries
+    )
+
+
+def stored_logprobs(completion: ChatCompletion) -> list[dict[str, Any]] | None:
+    """The reply's per-token log-probabilities as stored: ``[{token, logprob, top_logprobs: [{token, logprob}]}]``
+    (the ``bytes`` the API adds are dropped: they repeat the token)."""
+    logprobs = completion.choices[0].logprobs
+    if logprobs is None or logprobs.content is None:
+        return None
+    return [
+        {
+            "token": item.token,
+            "logprob": item.logprob,
+            "top_logprobs": [{"token": top.token, "logprob": top.logprob} for top in item.top_logprobs or []],
+        }
+        for item in logprobs.content
+    ]
+
+
+def token_logprobs(stored: list[dict[str, Any]] | None) -> list[dict[str, float]] | None:
+    """Per position ``{token: logprob}`` over the top alternatives (the chosen token alone if none were given).
+
+    Two alternatives that decode to one string keep the higher log-probability.
+
+    >>> token_logprobs([{"token": "Yes", "logprob": -0.1, "top_logprobs": [
+    ...     {"token": "Yes", "logprob": -0.1}, {"token": "No", "logprob": -2.5}, {"token": "No", "logprob": -9.0}]}])
+    [{'Yes': -0.1, 'No': -2.5}]
+    """
+    if stored is None:
+        return None
+    positions = []
+    for item in stored:
+        alternatives = item.get("top_logprobs") or [item]
+        position: dict[str, float] = {}
+        for alt in alternatives:
+            token, logprob = alt["token"], float(alt["logprob"])
+            position[token] = max(logprob, position.get(token, float("-inf")))
+        positions.append(position)
+    return positions
+
+
+def result_from_record(record: CallRecord, cached: bool) -> CallResult:
+    return CallResult(
+        key=record.key,
+        text=record.response_text or "",
+        logprobs=token_logprobs(record.logprobs),
+        prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens,
+        cached=cached,
+        latency_s=record.latency_s,
+        finish_reason=record.finish_reason,
+    )
+
+
+class _BadReply(ValueError):
+    """A 200 reply that is not a usable chat completion."""
+
+
+def _check_reply(reply: object) -> ChatCompletion:
+    if not isinstance(reply, ChatCompletion):
+        preview = str(reply)[:200]
+        raise _BadReply(f"the endpoint answered {type(reply).__name__} instead of a chat completion: {preview!r}")
+    if not reply.choices:
+        raise _BadReply("the chat completion has no choices")
+    if reply.choices[0].message.content is None:
+        # An empty string is a (deterministic) answer and is kept; None means no text answer at all.
+        raise _BadReply(f"the chat completion has no message content (finish_reason={reply.choices[0].finish_reason})")
+    return reply
+
+
+class CachedTeacher:
+    """Chat completions through the cache. Thread-safe; ``complete_many`` runs calls concurrently.
+
+    ``template_hash`` identifies the prompt template (and version) the messages come from: part of every key, so
+    a changed template never serves answers to the old one. ``run_id`` marks the records this run writes.
+    """
+
+    def __init__(
+        self,
+        endpoint: EndpointConfig,
+        sampling: SamplingConfig,
+        cache: TeacherCache,
+        template_hash: str,
+        run_id: str | None = None,
+        budget: Budget | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.endpoint = endpoint
+        self.sampling = sampling
+        self.cache = cache
+        self.template_hash = template_hash
+        self.run_id = run_id or f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        self.budget = budget or Budget()
+        self.progress = progress
+        self._api_key = resolve_api_key(endpoint.api_key_env)  # read here only; never stored in a record
+        self._client = make_client(endpoint, self._api_key)
+        self._lock = threading.Lock()
+        self._counters = TeacherCounters()
+        self._in_flight = 0
+
+    # -- bookkeeping ----------------------------------------------------------------------------------------
+    @property
+    def counters(self) -> TeacherCounters:
+        with self._lock:
+            return self._counters
+
+    def _add(self, **deltas: float) -> None:
+        with self._lock:
+            self._counters = _plus(self._counters, **deltas)
+
+    def _reserve(self) -> None:
+        """Admit one more call to the endpoint, or raise ``BudgetExceeded``."""
+        with self._lock:
+            refusal = budget_refusal(self.budget, self._counters, self._in_flight)
+            if refusal is not None:
+                raise BudgetExceeded(f"teacher budget reached: {refusal}", self._counters)
+            self._in_flight += 1
+
+    def _redact(self, text: str) -> str:
+        # An error body may echo the request's Authorization header (a proxy's error page does): never store it.
+        return text.replace(self._api_key, "<redacted>") if self._api_key != NO_KEY else text
+
+    # -- calls ----------------------------------------------------------------------------------------------
+    def key(self, messages: Messages, sampling: SamplingConfig | None = None) -> str:
+        return call_key(self.endpoint.model, self.template_hash, messages, (sampling or self.sampling).as_dict())
+
+    def complete(self, messages: Messages, sampling_override: SamplingConfig | None = None) -> CallResult:
+        """The answer to ``messages``: from the cache if it holds it, else from the endpoint (then stored)."""
+        sampling = sampling_override or self.sampling
+        key = self.key(messages, sampling)
+        record = self.cache.get(key)
+        if record is not None:
+            self._add(cached=1)
+            return result_from_record(record, cached=True)
+        self._reserve()
+        return self._call(key, messages, sampling)
+
+    def _call(self, key: str, messages: Messages, sampling: SamplingConfig) -> CallResult:
+        """One call to the endpoint (already admitted by ``_reserve``), stored whatever its outcome."""
+        settled = False
+        try:
+            record, error = self._request(key, messages, sampling)
+            self.cache.put(record)
+            deltas = (
+                {"errors": 1}
+                if error is not None
+                else {
+                    "calls": 1,
+                    "prompt_tokens": record.prompt_tokens,
+                    "completion_tokens": record.completion_tokens,
+                    "cost_usd": self.budget.cost(record.prompt_tokens, record.completion_tokens),
+                }
+            )
+            # leaving the in-flight count and adding the spend in one step: a budget check in between would
+            # see neither and admit a call too many
+            with self._lock:
+                self._in_flight -= 1
+                self._counters = _plus(self._counters, **deltas)
+                settled = True
+        finally:
+            if not settled:
+                with self._lock:
+                    self._in_flight -= 1
+        if error is not None:
+            raise TeacherCallError(f"teacher call {key[:12]} failed: {record.error}", key=key, cause=error) from error
+        return result_from_record(record, cached=False)
+
+    def _request(self, key: str, messages: Messages, sampling: SamplingConfig) -> tuple[CallRecord, Exception | None]:
+        """Make the call; its record (ok or error) and, for an error, the exception."""
+        request = {"messages": [dict(m) for m in messages], "sampling": sampling.as_dict()}
+        common = {"key": key, "model": self.endpoint.model, "template_hash": self.template_hash, "request": request}
+        started = time.perf_counter()
+        try:
+            reply = self._client.chat.completions.create(
+                model=self.endpoint.model, messages=request["messages"], **sampling.request_kwargs()
+            )
+            completion = _check_reply(reply)
+        except Exception as err:  # the openai client's errors, and the JSON/Unicode errors of a broken body
+            record = CallRecord(
+                **common,
+                response_text=None,
+                logprobs=None,
+                prompt_tokens=0,
+                completion_tokens=0,
+                latency_s=time.perf_counter() - started,
+                status="error",
+                error=self._redact(f"{type(err).__name__}: {err}"),
+                timestamp=utc_now(),
+                run_id=self.run_id,
+            )
+            return record, err
+        usage = completion.usage  # some servers leave it out
+        choice = completion.choices[0]
+        record = CallRecord(
+            **common,
+            response_text=choice.message.content,
+            logprobs=stored_logprobs(completion),
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            latency_s=time.perf_counter() - started,
+            status="ok",
+            error=None,
+            timestamp=utc_now(),
+            run_id=self.run_id,
+            finish_reason=choice.finish_reason,
+        )
+        return record, None
+
+    def complete_many(
+        self,
+        batch: Sequence[Messages],
+        sampling_override: SamplingConfig | None = None,
+        max_errors: int = 10,
+        desc: str = "teacher",
+    ) -> list[CallResult]:
+        """The answers to ``batch``, in order, with up to ``endpoint.max_concurrency`` calls at once.
+
+        Cached answers are served first; identical messages in the batch are called once. Each answer is stored
+        as soon as it arrives. A failed call does not stop the others (they are stored; a re-run retries only the
+        failures), but after ``max_errors`` failures no new call starts (the endpoint is likely down); either
+        way ``TeacherCallError`` is raised at the end. ``BudgetExceeded`` stops new calls at once, lets those in
+        flight finish (and be stored), then is raised.
+        """
+        sampling = sampling_override or self.sampling
+        keys = [self.key(messages, sampling) for messages in batch]
+        results: list[CallResult | None] = [None] * len(batch)
+        to_call: dict[str, list[int]] = {}  # key -> its positions in the batch (the first one is called)
+        for index, key in enumerate(keys):
+            record = self.cache.get(key)
+            if record is not None:
+                results[index] = result_from_record(record, cached=True)
+            else:
+                to_call.setdefault(key, []).append(index)
+        served = len(batch) - sum(len(positions) for positions in to_call.values())
+        self._add(cached=served)
+
+        made = 0
+        failures: list[TeacherCallError] = []
+        stop: BudgetExceeded | None = None
+        bar = tqdm(total=len(batch), initial=served, desc=desc, unit="call", disable=not self.progress, leave=False)
+        bar.set_postfix(cached=served, calls=0, errors=0, remaining=len(batch) - served)
+        pending = iter(to_call.items())
+        running: dict[cf.Future[CallResult], str] = {}
+        with cf.ThreadPoolExecutor(max_workers=self.endpoint.max_concurrency, thread_name_prefix="teacher") as pool:
+            try:
+                while True:
+                    # top up to max_concurrency running calls: no queue of thousands of futures to cancel on a stop
+                    while stop is None and len(failures) < max_errors and len(running) < self.endpoint.max_concurrency:
+                        item = next(pending, None)
+                        if item is None:
+                            break
+                        try:
+                            self._reserve()
+                        except BudgetExceeded as err:
+                            stop = err
+                            break
+                        key, positions = item
+                        running[pool.submit(self._call, key, batch[positions[0]], sampling)] = key
+                    if not running:
+                        break
+                    done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                    for future in done:
+                        key = running.pop(future)
+                        try:
+                            result = future.result()
+                        except TeacherCallError as err:
+                            failures.append(err)
+                            continue
+                        made += 1
+                        first, *repeats = to_call[key]
+                        results[first] = result
+                        for index in repeats:  # the same messages again in this batch: answered by the one call
+                            results[index] = _as_cached(result)
+                        bar.update(1 + len(repeats))
+                    bar.set_postfix(cached=served, calls=made, errors=len(failures), remaining=len(batch) - bar.n)
+            finally:
+                bar.close()
+
+        self._add(cached=sum(len(positions) - 1 for positions in to_call.values() if results[positions[0]]))
+        if stop is not None:  # raised now, with the counters of everything done, in-flight calls included
+            raise BudgetExceeded(f"{stop} (stopped after {made} calls in this batch)", self.counters) from None
+        if failures:
+            first = failures[0]
+            raise TeacherCallError(
+                f"{len(failures)} of {len(to_call)} teacher calls failed (stored as error records; a re-run retries "
+                f"them); the first: {first}",
+                key=first.key,
+                cause=first.cause,
+            ) from first
+        return [r for r in results if r is not None]
+
+
+def _plus(counters: TeacherCounters, **deltas: float) -> TeacherCounters:
+    return dataclasses.replace(counters, **{name: getattr(counters, name) + delta for name, delta in deltas.items()})
+
+
+def _as_cached(result: CallResult) -> CallResult:
+    return dataclasses.replace(result, cached=True)
