@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-STAGES = ("fetch", "prepare", "index", "retrieve", "evaluate")
+STAGES = ("fetch", "prepare", "index", "retrieve", "teach", "evaluate")
 
 
 def _sql(argv: list[str]) -> int:

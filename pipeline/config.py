@@ -36,6 +36,9 @@ class Paths:
     indexes: str = "data/indexes"
     retrieval: str = "data/retrieval"
     evaluation: str = "data/evaluation"
+    teacher: str = "data/teacher"  # teacher_rankings, one folder per labelled collection
+    teacher_cache: str = "data/teacher_cache"  # the teacher's call cache (persist: true), one folder per collection
+    models: str = "data/models"  # the embedded teacher's model file, joined from its packages
     metrics: str = "metrics"
     plots: str = "plots"
 
@@ -47,6 +50,12 @@ class Paths:
 
     def retrieval_dir(self, name: str) -> Path:
         return Path(self.retrieval) / name
+
+    def teacher_dir(self, name: str) -> Path:
+        return Path(self.teacher) / name
+
+    def teacher_cache_dir(self, name: str) -> Path:
+        return Path(self.teacher_cache) / name
 
 
 @dataclass(config=STRICT)
@@ -185,6 +194,71 @@ class Budget:
 
 
 @dataclass(config=STRICT)
+class EmbeddedConfig:
+    """llama.cpp in-process (xllamacpp) on 127.0.0.1, serving the packaged Qwen2.5-Coder-1.5B GGUF."""
+
+    model_name: str = "qwen2.5-coder-1.5b-instruct-q4_k_m"  # the name in cache keys and labels
+    n_ctx: int = Field(default=4096, ge=512)
+    threads: int = Field(default=2, ge=1)
+
+
+@dataclass(config=STRICT)
+class ListwiseConfig:
+    """RankGPT's sliding window (window 20, step 10 in RankGPT and rank_llm)."""
+
+    template: str = "rankgpt-listwise"
+    window: int = Field(default=20, ge=2)
+    step: int = Field(default=10, ge=1)
+    max_words: int = Field(default=80, ge=1)  # each passage is cut to this many words in the prompt
+    parse_retries: int = Field(default=1, ge=0)  # re-asks after an answer with no usable id
+    retry_temperature: float = Field(default=0.7, ge=0)  # a retry samples (seed + attempt) instead of greedy
+
+
+@dataclass(config=STRICT)
+class PointwiseConfig:
+    """One call per (query, passage), scored from the first token's log-probabilities."""
+
+    template: Literal["pointwise-yes-no", "pointwise-graded"] = "pointwise-yes-no"
+    max_words: int = Field(default=80, ge=1)
+    top_logprobs: int = Field(default=20, ge=1, le=20)
+
+
+@dataclass(config=STRICT)
+class ImportedConfig:
+    """Teacher rankings someone already has: a TREC run, or rank_llm's JSON/JSONL output."""
+
+    path: str | None = None
+    format: Literal["trec", "rank_llm-json"] = "trec"
+    name: str = "imported"  # the model name recorded with the labels
+
+
+@dataclass(config=STRICT)
+class TeacherConfig:
+    backend: Literal["embedded", "openai"] = "embedded"
+    method: Literal["listwise", "pointwise", "imported"] = "listwise"
+    # any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp's server, Ollama) when backend is "openai"
+    endpoint: EndpointConfig | None = None
+    embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    listwise: ListwiseConfig = Field(default_factory=ListwiseConfig)
+    pointwise: PointwiseConfig = Field(default_factory=PointwiseConfig)
+    imported: ImportedConfig = Field(default_factory=ImportedConfig)
+    budget: Budget = Field(default_factory=Budget)
+
+
+@dataclass(config=STRICT)
+class TeachTarget:
+    """What the teacher labels in one collection: the top ``depth`` candidates of ``candidates`` (a retrieval
+    method) for the queries of ``split``, at most ``max_queries`` of them (a seeded sample; None: all)."""
+
+    split: str = "train"
+    depth: int = Field(default=30, ge=1)
+    max_queries: int | None = Field(default=None, ge=1)
+    candidates: str = "bm25"
+    seed: int = 0
+
+
+@dataclass(config=STRICT)
 class ScheduleConfig:
     cron: str = "0 3 * * *"
     timezone: str = "UTC"
@@ -201,6 +275,8 @@ class Params:
     index: IndexConfig = Field(default_factory=IndexConfig)
     retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    teach: dict[str, TeachTarget] = Field(default_factory=dict)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     def collection(self, name: str) -> CollectionConfig:
@@ -216,13 +292,24 @@ def _check_references(params: Params) -> None:
     for name in params.collections:
         if not COLLECTION_NAME.match(name):
             raise ConfigError(f"collections.{name}: a collection name may use letters, digits, '.', '_', '-'")
-    referenced = [("train.collection", params.train.collection)] + [
-        (f"evaluation.{name}", name) for name in params.evaluation
-    ]
+    referenced = (
+        [("train.collection", params.train.collection)]
+        + [(f"evaluation.{name}", name) for name in params.evaluation]
+        + [(f"teach.{name}", name) for name in params.teach]
+    )
     for key, name in referenced:
         if name not in params.collections:
             hint = _closest(name, list(params.collections))
             raise ConfigError(f"{key}: collection {name!r} is not defined under 'collections'{hint}")
+
+
+def _check_teacher(teacher: TeacherConfig) -> None:
+    if teacher.method != "imported" and teacher.backend == "openai" and teacher.endpoint is None:
+        raise ConfigError("teacher.endpoint: backend 'openai' needs an endpoint (base_url, model, api_key_env)")
+    if teacher.method == "imported" and not teacher.imported.path:
+        raise ConfigError("teacher.imported.path: method 'imported' needs the file of rankings to import")
+    if teacher.listwise.step > teacher.listwise.window:
+        raise ConfigError("teacher.listwise.step: must not exceed teacher.listwise.window")
 
 
 def _closest(key: str, candidates: list[str]) -> str:
@@ -284,6 +371,7 @@ def parse_params(raw: object, source: str = "params.yaml") -> Params:
         raise ConfigError(_format_error(source, err)) from None
     try:
         _check_references(params)
+        _check_teacher(params.teacher)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     return params

@@ -13,6 +13,7 @@ import duckdb
 
 from pipeline.config import Paths
 from pipeline.schemas import TABLES, TableSpec
+from pipeline.teacher.cache import teacher_calls_view_sql
 
 
 def table_glob(spec: TableSpec, paths: Paths) -> str:
@@ -37,6 +38,9 @@ def view_statements(paths: Paths, root: Path | str = ".") -> list[str]:
             f"CREATE OR REPLACE VIEW {spec.name} AS "
             f"SELECT * FROM read_parquet({_sql_string(location)}, union_by_name = true);"
         )
+    # the teacher's call cache: JSONL shards, one folder per collection (an empty view when there are none)
+    cache_glob = str((root / paths.teacher_cache).resolve() / "*")
+    statements.append(f"CREATE OR REPLACE VIEW teacher_calls AS {teacher_calls_view_sql(cache_glob)};")
     return statements
 
 

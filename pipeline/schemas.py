@@ -75,6 +75,24 @@ EVAL_PER_QUERY = pa.schema(
     ]
 )
 
+# The teacher's ranking of each query's candidates. ``score``: the pointwise score, the imported run's score, or
+# null for listwise answers (only the order is known). ``template_hash`` and ``run_id`` say which prompt and
+# which run produced the label; ``model`` and ``method`` which teacher.
+TEACHER_RANKINGS = pa.schema(
+    [
+        pa.field("collection", pa.string(), nullable=False),
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("teacher_rank", pa.int32(), nullable=False),
+        pa.field("score", pa.float64(), nullable=True),
+        pa.field("first_stage_rank", pa.int32(), nullable=True),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("template_hash", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
 
 @dataclass(frozen=True)
 class TableSpec:
@@ -97,5 +115,6 @@ TABLES: dict[str, TableSpec] = {
         TableSpec("shipped_runs", SHIPPED_RUNS, "shipped_runs.parquet", "collection", "collections"),
         TableSpec("candidates", CANDIDATES, "candidates.parquet", "collection", "retrieval"),
         TableSpec("eval_per_query", EVAL_PER_QUERY, "per_query.parquet", "global", "evaluation"),
+        TableSpec("teacher_rankings", TEACHER_RANKINGS, "teacher_rankings.parquet", "collection", "teacher"),
     )
 }

@@ -80,7 +80,10 @@ def test_join_candidates_with_qrels(tiny_pipeline: Path) -> None:
 
 def test_views_cover_only_existing_tables(tmp_path: Path) -> None:
     params = load_params(write_params(tmp_path / "params.yaml", tiny_params(tmp_path)))
-    assert duck.view_statements(params.paths, tmp_path) == []
+    # only the teacher's call cache has a view before anything ran: an empty one, so queries on it still work
+    statements = duck.view_statements(params.paths, tmp_path)
+    assert [s.split()[4] for s in statements] == ["teacher_calls"]
+    assert duck.query(params.paths, "SELECT count(*) FROM teacher_calls", tmp_path)[1] == [(0,)]
     with pytest.raises(duckdb.CatalogException):
         duck.query(params.paths, "SELECT * FROM corpus", tmp_path)
 
@@ -89,7 +92,7 @@ def test_relative_paths_resolve_against_the_root(tiny_pipeline: Path) -> None:
     relative = parse_params(tiny_params(None)).paths
     assert relative.collections == "data/collections"
     statements = duck.view_statements(relative, tiny_pipeline)
-    assert len(statements) == 6
+    assert len(statements) == 7  # six tables and the (empty) teacher_calls view
     assert str((tiny_pipeline / "data/collections").resolve()) in statements[0]
     assert duck.query(relative, "SELECT count(*) FROM corpus", tiny_pipeline)[1] == [(15,)]
 
@@ -154,7 +157,7 @@ def test_cli_print_views(tiny_pipeline: Path) -> None:
     assert result.returncode == 0, result.stderr
     statements = result.stdout.strip().splitlines()
     names = [s.split()[4] for s in statements]
-    assert names == ["corpus", "queries", "qrels", "shipped_runs", "candidates", "eval_per_query"]
+    assert names == ["corpus", "queries", "qrels", "shipped_runs", "candidates", "eval_per_query", "teacher_calls"]
     assert all(s.startswith("CREATE OR REPLACE VIEW ") and s.endswith(";") for s in statements)
     # the statements work as they are in a fresh duckdb session (what the option is for)
     con = duckdb.connect()

@@ -17,7 +17,17 @@ from pipeline.io import RunFormatError, read_table
 from pipeline.sources import CollectionError, in_split
 
 # Errors a user can fix: printed as one clear line, without a traceback.
-USER_ERRORS = (ConfigError, CollectionError, RunFormatError, FileNotFoundError)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CollectionError, RunFormatError, FileNotFoundError)
+
+
+def _teacher_errors() -> tuple[type[Exception], ...]:
+    """The teacher's user-fixable errors (imported only by the stages that need the teacher's dependencies)."""
+    from pipeline.teacher.client import TeacherCallError, TeacherConfigError
+    from pipeline.teacher.embedded import EmbeddedTeacherError
+    from pipeline.teacher.imported import LabelsImportError
+    from pipeline.teacher.templates import TemplateError
+
+    return (TeacherCallError, TeacherConfigError, EmbeddedTeacherError, LabelsImportError, TemplateError)
 
 
 def stage_main(
@@ -33,7 +43,9 @@ def stage_main(
     try:
         params = load_params(args.params)
         summary = body(params, getattr(args, "collection", None))
-    except USER_ERRORS as err:
+    except Exception as err:
+        if not isinstance(err, USER_ERRORS + (_teacher_errors() if stage == "teach" else ())):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({"stage": stage, **summary}, indent=2, default=str))

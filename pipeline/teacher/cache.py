@@ -22,6 +22,7 @@ again on the next run. Records never hold HTTP headers or the API key, by constr
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -318,8 +319,9 @@ def _sql_string(value: str) -> str:
 
 
 def teacher_calls_view_sql(folder: Path | str) -> str:
-    """A ``SELECT`` over every shard in ``folder``: one row per stored record (ok and error alike), plus the
-    ``shard`` it came from. Wrap it as ``CREATE VIEW teacher_calls AS <this>``.
+    """A ``SELECT`` over every shard in ``folder`` (or in every folder a pattern like ``cache/*`` matches): one
+    row per stored record (ok and error alike), plus the ``shard`` it came from.
+    Wrap it as ``CREATE VIEW teacher_calls AS <this>``.
 
     ``ignore_errors`` turns a torn line into a row of NULLs, which ``key IS NOT NULL`` drops. DuckDB's
     ``read_json`` fails on a glob that matches no file, so a folder without shards (checked now, when the SQL is
@@ -327,10 +329,10 @@ def teacher_calls_view_sql(folder: Path | str) -> str:
     """
     columns = ", ".join(f"{name}: {_sql_string(kind)}" for name, kind in TEACHER_CALLS_COLUMNS.items())
     names = ", ".join(TEACHER_CALLS_COLUMNS)
-    if not shard_paths(folder):
+    pattern = str(Path(folder).resolve() / SHARD_GLOB)
+    if not glob.glob(pattern):  # glob.glob, not Path.glob: ``folder`` may itself be a pattern (``cache/*``)
         nulls = ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in TEACHER_CALLS_COLUMNS.items())
         return f"SELECT {nulls}, CAST(NULL AS VARCHAR) AS shard WHERE false"
-    pattern = str(Path(folder).resolve() / SHARD_GLOB)
     return (
         f"SELECT {names}, filename AS shard FROM read_json({_sql_string(pattern)}, "
         f"format = 'newline_delimited', ignore_errors = true, filename = true, columns = {{{columns}}}) "

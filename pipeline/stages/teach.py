@@ -1,0 +1,327 @@
+"""teach: the LLM teacher ranks each query's candidates → ``teacher_rankings`` and ``metrics/teacher/<name>.json``.
+
+Methods: ``listwise`` (RankGPT's sliding window), ``pointwise`` (yes/no or graded relevance from the first
+token's log-probabilities) and ``imported`` (rankings from a TREC run or rank_llm output). Every LLM call goes
+through the durable call cache (``paths.teacher_cache``): a re-run pays for nothing twice, a killed run loses at
+most the calls in flight, and a budget stops the stage cleanly with everything done so far kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline import schemas
+from pipeline.config import ConfigError, EndpointConfig, Params, Paths, SamplingConfig, TeacherConfig, TeachTarget
+from pipeline.io import read_table, write_json, write_table
+from pipeline.metrics import evaluate_run
+from pipeline.stages.common import split_queries
+from pipeline.teacher.cache import TeacherCache
+from pipeline.teacher.client import BudgetExceeded, CachedTeacher, result_from_record
+from pipeline.teacher.listwise import ListwiseResult, rerank_sliding_window, sliding_windows
+from pipeline.teacher.pointwise import graded_score, pointwise_messages, yes_no_score
+from pipeline.teacher.templates import load_template
+
+TEACHER_METRICS_FOLDER = "teacher"
+HEADLINE = "nDCG@10"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+    """What the teacher sees: queries (query_id, text) and their top-``depth`` candidates with passage text."""
+
+    queries: pd.DataFrame
+    candidates: pd.DataFrame  # query_id, doc_id, rank, passage
+
+
+def select_queries(queries: pd.DataFrame, max_queries: int | None, seed: int) -> pd.DataFrame:
+    """At most ``max_queries`` queries, a seeded sample (stable across runs, so the cache keeps serving them).
+
+    >>> q = pd.DataFrame({"query_id": [str(i) for i in range(10)]})
+    >>> select_queries(q, 3, seed=0).query_id.tolist() == select_queries(q, 3, seed=0).query_id.tolist()
+    True
+    >>> len(select_queries(q, None, seed=0)), len(select_queries(q, 30, seed=0))
+    (10, 10)
+    """
+    if max_queries is None or max_queries >= len(queries):
+        return queries.sort_values("query_id").reset_index(drop=True)
+    return queries.sample(n=max_queries, random_state=seed).sort_values("query_id").reset_index(drop=True)
+
+
+def load_pool(name: str, target: TeachTarget, paths: Paths) -> Pool:
+    queries = split_queries(paths, name, target.split, f"teach.{name}.split")
+    queries = select_queries(queries, target.max_queries, target.seed)
+    candidates = read_table(paths.retrieval_dir(name) / schemas.TABLES["candidates"].filename)
+    methods = sorted(candidates.method.unique())
+    candidates = candidates[(candidates.method == target.candidates) & (candidates["rank"] <= target.depth)]
+    if candidates.empty:
+        raise ConfigError(f"teach.{name}.candidates: no {target.candidates!r} candidates (methods here: {methods})")
+    candidates = candidates[candidates.query_id.isin(set(queries.query_id))]
+    corpus = read_table(paths.collection_dir(name) / schemas.TABLES["corpus"].filename)
+    corpus = corpus[corpus.doc_id.isin(set(candidates.doc_id))]
+    passages = pd.Series(
+        [f"{t} {x}" if t else x for t, x in zip(corpus.title, corpus.text, strict=True)], index=corpus.doc_id
+    )
+    candidates = candidates.sort_values(["query_id", "rank"]).assign(passage=lambda c: c.doc_id.map(passages))
+    queries = queries[queries.query_id.isin(set(candidates.query_id))].reset_index(drop=True)
+    return Pool(queries=queries[["query_id", "text"]], candidates=candidates[["query_id", "doc_id", "rank", "passage"]])
+
+
+@contextlib.contextmanager
+def teacher_endpoint(teacher: TeacherConfig, paths: Paths) -> Iterator[EndpointConfig]:
+    """The endpoint to call: the configured one, or the embedded llama.cpp server for as long as it is needed."""
+    if teacher.backend == "openai":
+        assert teacher.endpoint is not None  # checked when params are read
+        yield teacher.endpoint
+        return
+    from pipeline.teacher.embedded import assemble_model, embedded_server
+
+    model_file = assemble_model(paths.models)
+    with embedded_server(model_file, teacher.embedded.n_ctx, teacher.embedded.threads) as base_url:
+        # one llama.cpp slot: concurrent requests would only queue up behind each other
+        yield EndpointConfig(base_url=base_url, model=teacher.embedded.model_name, api_key_env=None, max_concurrency=1)
+
+
+@dataclasses.dataclass
+class TeachOutcome:
+    rankings: pd.DataFrame  # query_id, doc_id, teacher_rank, score
+    stats: dict
+    stopped: str | None = None  # why the teacher stopped early (budget), if it did
+
+
+def teach_listwise(pool: Pool, client: CachedTeacher, teacher: TeacherConfig) -> TeachOutcome:
+    """RankGPT's sliding window per query; queries run concurrently (windows of one query are sequential)."""
+    cfg = teacher.listwise
+    template = load_template(cfg.template)
+
+    def ask(messages: list[dict[str, str]], attempt: int) -> str:
+        override = None
+        if attempt:  # a retry after an unparseable answer: sample, with a seed of its own (a new cache key)
+            seed = (teacher.sampling.seed or 0) + attempt
+            override = dataclasses.replace(teacher.sampling, temperature=cfg.retry_temperature, seed=seed)
+        return client.complete(messages, sampling_override=override).text
+
+    groups = {qid: group for qid, group in pool.candidates.groupby("query_id", sort=False)}
+    texts = dict(zip(pool.queries.query_id, pool.queries.text, strict=True))
+    windows = sum(len(sliding_windows(len(groups[q]), cfg.window, cfg.step)) for q in groups)
+    results: dict[str, ListwiseResult] = {}
+    stopped: str | None = None
+    bar = tqdm(total=len(groups), desc="teacher (listwise)", unit=" queries")
+
+    def one(query_id: str) -> tuple[str, ListwiseResult]:
+        group = groups[query_id]
+        return query_id, rerank_sliding_window(
+            texts[query_id],
+            group.passage.tolist(),
+            ask,
+            cfg.window,
+            cfg.step,
+            cfg.max_words,
+            template,
+            cfg.parse_retries,
+        )
+
+    with ThreadPoolExecutor(max_workers=client.endpoint.max_concurrency) as pool_executor:
+        futures = [pool_executor.submit(one, query_id) for query_id in groups]
+        for future in futures:
+            try:
+                query_id, result = future.result()
+            except BudgetExceeded as err:
+                stopped = stopped or str(err)
+                continue
+            results[query_id] = result
+            counters = client.counters
+            bar.set_postfix(calls=counters.calls, cached=counters.cached, windows=f"{windows}")
+            bar.update(1)
+    bar.close()
+
+    rows = []
+    for query_id, result in results.items():
+        group = groups[query_id]
+        for teacher_rank, index in enumerate(result.order, start=1):
+            rows.append((query_id, group.doc_id.iloc[index], teacher_rank, float("nan")))
+    calls = [call for result in results.values() for call in result.calls]
+    status = Counter(call.parsed.status for call in calls)
+    stats = {
+        "windows": len(calls),
+        "parse": {
+            "ok": status["ok"],
+            "repaired": status["repaired"],
+            "failed": status["failed"],
+            "missing_ids": sum(c.parsed.missing for c in calls),
+            "duplicate_ids": sum(c.parsed.duplicates for c in calls),
+            "out_of_range_ids": sum(c.parsed.out_of_range for c in calls),
+            "retried_windows": sum(c.attempts > 1 for c in calls),
+        },
+        "identity_windows": sum(c.identity for c in calls),
+        "identity_share": round(sum(c.identity for c in calls) / len(calls), 4) if calls else None,
+        "template": f"{template.name}@v{template.version}",
+    }
+    frame = pd.DataFrame(rows, columns=["query_id", "doc_id", "teacher_rank", "score"])
+    return TeachOutcome(frame, stats, stopped)
+
+
+def teach_pointwise(pool: Pool, client: CachedTeacher, teacher: TeacherConfig) -> TeachOutcome:
+    """One call per (query, passage); the ranking follows the score (ties keep the first-stage order)."""
+    cfg = teacher.pointwise
+    template = load_template(cfg.template)
+    sampling = SamplingConfig(temperature=0.0, max_tokens=1, seed=teacher.sampling.seed, top_logprobs=cfg.top_logprobs)
+    texts = dict(zip(pool.queries.query_id, pool.queries.text, strict=True))
+    batch = [
+        pointwise_messages(template, texts[q], passage, cfg.max_words)
+        for q, passage in zip(pool.candidates.query_id, pool.candidates.passage, strict=True)
+    ]
+    stopped = None
+    try:
+        client.complete_many(batch, sampling_override=sampling, desc="teacher (pointwise)")
+    except BudgetExceeded as err:
+        stopped = str(err)
+    # Read the answers back from the cache: after a budget stop only some pairs have one.
+    scorer = graded_score if cfg.template == "pointwise-graded" else yes_no_score
+    scores, flags = [], Counter()
+    for messages in batch:
+        record = client.cache.get(client.key(messages, sampling))
+        if record is None:
+            scores.append(None)
+            continue
+        result = result_from_record(record, cached=True)
+        scored = scorer(result.logprobs or [{}])
+        flags.update(scored.flags)
+        scores.append(scored.score)
+    candidates = pool.candidates.assign(score=scores)
+    complete = candidates.groupby("query_id").score.transform(lambda s: s.notna().all())
+    candidates = candidates[complete].sort_values(["query_id", "score", "rank"], ascending=[True, False, True])
+    candidates["teacher_rank"] = candidates.groupby("query_id").cumcount() + 1
+    stats = {
+        "pairs": len(batch),
+        "scored_pairs": int(sum(s is not None for s in scores)),
+        "flags": dict(flags),
+        "no_answer_token": flags.get("no_answer_token", 0),
+        "template": f"{template.name}@v{template.version}",
+    }
+    frame = candidates[["query_id", "doc_id", "teacher_rank", "score"]].reset_index(drop=True)
+    return TeachOutcome(frame, stats, stopped)
+
+
+def teach_imported(pool: Pool, teacher: TeacherConfig) -> TeachOutcome:
+    """The imported rankings of the pool's queries (documents outside the pool are kept: they are labels)."""
+    from pipeline.teacher.imported import import_rankings
+
+    assert teacher.imported.path is not None
+    rankings = import_rankings(teacher.imported.path, teacher.imported.format)
+    covered = rankings[rankings.query_id.isin(set(pool.queries.query_id))]
+    stats = {"queries_in_file": int(rankings.query_id.nunique()), "rows_in_file": len(rankings)}
+    return TeachOutcome(covered.reset_index(drop=True), stats)
+
+
+def teacher_quality(name: str, paths: Paths, split: str, pool: Pool, rankings: pd.DataFrame, min_rel: int) -> dict:
+    """The teacher's nDCG@10 next to the first stage's, on the same queries (those with qrels): the check a user
+    makes before distilling a teacher."""
+    qrels = read_table(paths.collection_dir(name) / schemas.TABLES["qrels"].filename)
+    qrels = qrels[(qrels.split == split) & qrels.query_id.isin(set(rankings.query_id))]
+    if qrels.empty or rankings.empty:
+        return {}
+    judged = set(qrels.query_id)
+    teacher_run = rankings[rankings.query_id.isin(judged)].assign(score=lambda r: -r.teacher_rank.astype(float))
+    first = pool.candidates[pool.candidates.query_id.isin(judged)].assign(score=lambda c: -c["rank"].astype(float))
+    measures = (HEADLINE,)
+    return {
+        "queries": len(judged),
+        "teacher": round(evaluate_run(qrels, teacher_run, measures, min_rel).aggregate[HEADLINE], 4),
+        "first_stage": round(evaluate_run(qrels, first, measures, min_rel).aggregate[HEADLINE], 4),
+        "measure": HEADLINE,
+    }
+
+
+def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, min_relevance: int = 1) -> dict:
+    started = time.perf_counter()
+    pool = load_pool(name, target, paths)
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    counters = None
+    if teacher.method == "imported":
+        outcome = teach_imported(pool, teacher)
+        from pipeline.teacher.imported import file_hash
+
+        model, template_hash = teacher.imported.name, file_hash(Path(str(teacher.imported.path)))
+    else:
+        template_name = teacher.listwise.template if teacher.method == "listwise" else teacher.pointwise.template
+        template = load_template(template_name)
+        with (
+            teacher_endpoint(teacher, paths) as endpoint,
+            TeacherCache(paths.teacher_cache_dir(name)) as cache,
+        ):
+            client = CachedTeacher(
+                endpoint, teacher.sampling, cache, template.sha256, run_id=run_id, budget=teacher.budget
+            )
+            method = teach_listwise if teacher.method == "listwise" else teach_pointwise
+            outcome = method(pool, client, teacher)
+            counters = client.counters
+        model, template_hash = endpoint.model, template.sha256
+
+    first_stage_rank = pool.candidates.set_index(["query_id", "doc_id"])["rank"]
+    rankings = outcome.rankings.assign(
+        collection=name,
+        first_stage_rank=[
+            first_stage_rank.get((q, d))
+            for q, d in zip(outcome.rankings.query_id, outcome.rankings.doc_id, strict=True)
+        ],
+        model=model,
+        method=teacher.method,
+        template_hash=template_hash,
+        run_id=run_id,
+    )
+    spec = schemas.TABLES["teacher_rankings"]
+    write_table(rankings, spec.schema, paths.teacher_dir(name) / spec.filename)
+    wall = time.perf_counter() - started
+    summary = {
+        "collection": name,
+        "method": teacher.method,
+        "model": model,
+        "template_hash": template_hash[:12],
+        "run_id": run_id,
+        "queries": {"labelled": int(rankings.query_id.nunique()), "selected": len(pool.queries)},
+        "stopped_early": outcome.stopped,
+        "wall_seconds": round(wall, 1),
+        **outcome.stats,
+        "quality": teacher_quality(name, paths, target.split, pool, rankings, min_relevance),
+    }
+    if counters is not None:
+        summary["calls"] = {
+            "made": counters.calls,
+            "from_cache": counters.cached,
+            "errors": counters.errors,
+            "prompt_tokens": counters.prompt_tokens,
+            "completion_tokens": counters.completion_tokens,
+            "estimated_cost_usd": round(counters.cost_usd, 6),
+            "seconds_per_call": round(wall / counters.calls, 2) if counters.calls else None,
+        }
+    write_json(summary, Path(paths.metrics) / TEACHER_METRICS_FOLDER / f"{name}.json")
+    return summary
+
+
+def _body(params: Params, name: str | None) -> dict:
+    assert name is not None
+    if name not in params.teach:
+        raise ConfigError(f"teach.{name}: not a teach target in params.yaml (targets: {sorted(params.teach)})")
+    collection = params.collection(name)
+    return run(name, params.teach[name], params.teacher, params.paths, collection.min_relevance)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.stages.common import stage_main
+
+    return stage_main("teach", argv, _body, per_collection=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Imported teacher labels: rankings a user already has, from a TREC run file or rank_llm's JSON output.
+
+rank_llm writes its reranked requests as JSON (a list) or JSONL (one request a line), each
+``{"query": {"text": ..., "qid": ...}, "candidates": [{"docid": ..., "score": ..., "doc": {...}}, ...]}`` with
+the candidates in the reranked order. Errors name the file (and the line for JSONL and TREC).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+
+from pipeline.io import RunFormatError, read_trec_run
+
+
+class LabelsImportError(ValueError):
+    """A labels file that cannot be imported; the message names the file and line."""
+
+
+def file_hash(path: Path) -> str:
+    """The sha256 of the file, the provenance recorded with imported labels (in the ``template_hash`` column)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _rank_llm_requests(path: Path) -> list[tuple[int, dict]]:
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise LabelsImportError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+        return [(0, request) for request in data]
+    requests = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            requests.append((line_no, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise LabelsImportError(f"{path}:{line_no}: malformed JSON ({err.msg})") from None
+    return requests
+
+
+def read_rank_llm(path: Path) -> pd.DataFrame:
+    """rank_llm output → (query_id, doc_id, teacher_rank, score), ranks from the candidates' order.
+
+    >>> import tempfile, os
+    >>> f = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+    >>> _ = f.write('[{"query": {"qid": 7, "text": "q"}, "candidates": [{"docid": "b", "score": 2}, {"docid": "a"}]}]')
+    >>> f.close(); read_rank_llm(Path(f.name)).values.tolist(); os.unlink(f.name)
+    [['7', 'b', 1, 2.0], ['7', 'a', 2, nan]]
+    """
+    rows = []
+    for line_no, request in _rank_llm_requests(path):
+        where = f"{path}:{line_no}" if line_no else str(path)
+        try:
+            query_id = str(request["query"]["qid"])
+            candidates = request["candidates"]
+        except (KeyError, TypeError):
+            raise LabelsImportError(f"{where}: expected {{'query': {{'qid': ...}}, 'candidates': [...]}}") from None
+        seen: set[str] = set()
+        for rank, candidate in enumerate(candidates, start=1):
+            if not isinstance(candidate, dict) or "docid" not in candidate:
+                raise LabelsImportError(f"{where}: query {query_id}: candidate {rank} has no 'docid'")
+            doc_id = str(candidate["docid"])
+            if doc_id in seen:
+                raise LabelsImportError(f"{where}: query {query_id}: document {doc_id} is ranked twice")
+            seen.add(doc_id)
+            score = candidate.get("score")
+            rows.append((query_id, doc_id, rank, float(score) if score is not None else float("nan")))
+    return pd.DataFrame(rows, columns=["query_id", "doc_id", "teacher_rank", "score"])
+
+
+def read_trec_rankings(path: Path) -> pd.DataFrame:
+    """A TREC run → (query_id, doc_id, teacher_rank, score); the order is by score (then rank), as trec_eval
+    reads a run, and ranks are renumbered 1..n per query."""
+    try:
+        run = read_trec_run(path)
+    except RunFormatError as err:
+        raise LabelsImportError(str(err)) from None
+    run = run.sort_values(["query_id", "score", "rank"], ascending=[True, False, True], kind="stable")
+    run["teacher_rank"] = run.groupby("query_id").cumcount() + 1
+    return run[["query_id", "doc_id", "teacher_rank", "score"]].reset_index(drop=True)
+
+
+def import_rankings(path: Path | str, fmt: Literal["trec", "rank_llm-json"]) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise LabelsImportError(f"{path}: labels file not found (teacher.imported.path)")
+    rankings = read_trec_rankings(path) if fmt == "trec" else read_rank_llm(path)
+    if rankings.empty:
+        raise LabelsImportError(f"{path}: no rankings in the file")
+    return rankings
