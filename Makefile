@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' \
 		|| { echo "error: set PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,embedded]'
 	$(BIN)/dvc config --local core.analytics false 2>/dev/null || true
 	@touch $(STAMP)
 
@@ -63,7 +63,7 @@ serve: install
 # Re-resolve the lock from pyproject.toml in a scratch venv.
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/pip install --quiet -e '.[dev]'
+	.lock-venv/bin/pip install --quiet -e '.[dev,embedded]'
 	(echo "# Full resolution of the pinned stack (pip freeze of a clean install; Python 3.11, Linux x86_64)."; \
 	 echo "# Regenerate with: make lock"; \
 	 .lock-venv/bin/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/') > constraints.txt

@@ -47,6 +47,8 @@ def tiny_params(root: Path | None = None, source: Path = FIXTURE, **overrides: o
         "index": {"threads": 1},
         "evaluate": {"measures": ["nDCG@10", "RR@10", "R@100"], "baseline": "bm25"},
         "schedule": {"cron": "0 3 * * *"},
+        "teacher": {"backend": "embedded", "method": "listwise"},
+        "teach": {},
     }
     for section, values in overrides.items():
         params[section] = {**params.get(section, {}), **values} if isinstance(values, dict) else values

@@ -7,7 +7,17 @@ import importlib
 
 import pytest
 
-MODULES = ("pipeline.config", "pipeline.sources", "pipeline.metrics", "pipeline.lucene", "pipeline.io")
+MODULES = (
+    "pipeline.config",
+    "pipeline.sources",
+    "pipeline.metrics",
+    "pipeline.lucene",
+    "pipeline.io",
+    "pipeline.teacher.cache",
+    "pipeline.teacher.client",
+    "pipeline.teacher.imported",
+    "pipeline.stages.teach",
+)
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -20,5 +30,5 @@ def test_doctests(name: str) -> None:
 def test_the_doctests_exist() -> None:
     """The modules that document behaviour by example still do (a lost docstring would pass silently)."""
     attempted = {name: doctest.testmod(importlib.import_module(name)).attempted for name in MODULES}
-    for name in ("pipeline.config", "pipeline.sources", "pipeline.metrics", "pipeline.lucene"):
+    for name in MODULES[:4] + MODULES[5:]:
         assert attempted[name] > 0, name

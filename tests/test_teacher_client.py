@@ -18,9 +18,9 @@ from pathlib import Path
 
 import openai
 import pytest
-from openai_server import Fault, OpenAIServer, body_hash
 from pydantic import ValidationError
 
+from openai_server import Fault, OpenAIServer, body_hash
 from pipeline.teacher.cache import TeacherCache, teacher_calls_view_sql
 from pipeline.teacher.client import (
     Budget,

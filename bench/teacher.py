@@ -1,0 +1,153 @@
+"""Teacher bench: run on demand, prints figures (not a test).
+
+    .venv/bin/python bench/teacher.py [--queries 43] [--methods listwise,pointwise-yes-no,pointwise-graded]
+                                      [--skip-embedded]
+
+1. The embedded teacher's nDCG@10 per method/prompt on TREC-DL 2019, reranking the shipped BM25 top-20
+   (passages cut to --max-words), next to BM25's on the same queries; seconds per call on this machine.
+   Calls go through a call cache under data/bench/ (a re-run of the bench pays nothing).
+2. Calls and prompt tokens per query: this stage's sliding window vs RankGPT's published algorithm (counted by
+   replaying its loop), for a first run and a re-run (the cache makes the re-run free; RankGPT pays again).
+3. Throughput of the cached client with 1, 4 and 16 concurrent calls against the local test server with an
+   artificial latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the test server lives with the tests
+
+from openai_server import OpenAIServer  # noqa: E402
+from pipeline.config import EndpointConfig, SamplingConfig, TeacherConfig  # noqa: E402
+from pipeline.io import read_trec_run  # noqa: E402
+from pipeline.metrics import evaluate_run  # noqa: E402
+from pipeline.sources import load_beir_folder  # noqa: E402
+from pipeline.stages.teach import Pool, teach_listwise, teach_pointwise, teacher_endpoint  # noqa: E402
+from pipeline.teacher.cache import TeacherCache  # noqa: E402
+from pipeline.teacher.client import CachedTeacher  # noqa: E402
+from pipeline.teacher.listwise import count_rankgpt_calls, sliding_windows  # noqa: E402
+from pipeline.teacher.templates import load_template  # noqa: E402
+
+DL19 = REPO.parent / "shared" / "data" / "trec-dl-2019"
+
+
+def dl19_pool(queries: int, depth: int) -> tuple[Pool, pd.DataFrame]:
+    collection = load_beir_folder(DL19, "trec-dl-2019")
+    run = read_trec_run(DL19 / "runs" / "bm25.trec")
+    run = run[run["rank"] <= depth]
+    chosen = sorted(run.query_id.unique())[:queries]
+    run = run[run.query_id.isin(chosen)]
+    corpus = collection.corpus.set_index("doc_id")
+    passages = [f"{corpus.title[d]} {corpus.text[d]}".strip() for d in run.doc_id]
+    candidates = run.assign(passage=passages)[["query_id", "doc_id", "rank", "passage"]]
+    texts = collection.queries.set_index("query_id").text
+    pool = Pool(queries=pd.DataFrame({"query_id": chosen, "text": [texts[q] for q in chosen]}), candidates=candidates)
+    return pool, collection.qrels
+
+
+def ndcg(qrels: pd.DataFrame, run: pd.DataFrame) -> float:
+    return evaluate_run(qrels, run, ("nDCG@10",), 2).aggregate["nDCG@10"]
+
+
+def bench_embedded(args: argparse.Namespace) -> None:
+    pool, qrels = dl19_pool(args.queries, args.depth)
+    qrels = qrels[qrels.query_id.isin(set(pool.queries.query_id))]
+    bm25 = pool.candidates.assign(score=lambda c: -c["rank"].astype(float))
+    print(f"## Embedded teacher on TREC-DL 2019, BM25 top-{args.depth}, {len(pool.queries)} queries")
+    print(f"BM25 nDCG@10 on these queries: {ndcg(qrels, bm25):.4f}")
+    print("| method | prompt | nDCG@10 | calls | s/call | identity / degenerate |")
+    print("|---|---|---|---|---|---|")
+    paths = dataclasses.replace(_paths(), models=str(REPO / "data" / "models"))
+    for method in args.methods.split(","):
+        kind = "listwise" if method == "listwise" else "pointwise"
+        teacher = TeacherConfig(
+            backend="embedded",
+            method=kind,
+            sampling=SamplingConfig(temperature=0.0, max_tokens=160, seed=0),
+            listwise={"window": args.depth, "step": 10, "max_words": args.max_words},
+            pointwise={"template": method if kind == "pointwise" else "pointwise-yes-no", "max_words": args.max_words},
+        )
+        template = load_template("rankgpt-listwise" if kind == "listwise" else method)
+        with (
+            teacher_endpoint(teacher, paths) as endpoint,
+            TeacherCache(REPO / "data" / "bench" / "teacher_cache" / method) as cache,
+        ):
+            client = CachedTeacher(endpoint, teacher.sampling, cache, template.sha256)
+            started = time.perf_counter()
+            outcome = (teach_listwise if kind == "listwise" else teach_pointwise)(pool, client, teacher)
+            wall = time.perf_counter() - started
+            counters = client.counters
+        ranked = outcome.rankings.assign(score=lambda r: -r.teacher_rank.astype(float))
+        per_call = wall / counters.calls if counters.calls else float("nan")
+        degenerate = (
+            f"{outcome.stats['identity_windows']}/{outcome.stats['windows']} identity"
+            if kind == "listwise"
+            else f"{outcome.stats['no_answer_token']}/{outcome.stats['pairs']} no answer token"
+        )
+        print(
+            f"| {kind} | {template.name} | {ndcg(qrels, ranked):.4f} | {counters.calls} new, {counters.cached} cached "
+            f"| {per_call:.2f} | {degenerate} |"
+        )
+
+
+def _paths():
+    from pipeline.config import Paths
+
+    return Paths()
+
+
+def bench_calls() -> None:
+    print("\n## Calls per query: this stage vs RankGPT's sliding window (window 20, step 10)")
+    print("| candidates | RankGPT calls (every run) | ours, first run | ours, re-run |")
+    print("|---|---|---|---|")
+    for n in (20, 30, 100):
+        print(f"| {n} | {count_rankgpt_calls(n, 20, 10)} | {len(sliding_windows(n, 20, 10))} | 0 (cache) |")
+
+
+def bench_throughput(calls: int, latency: float) -> None:
+    print(f"\n## Cached client throughput: {calls} distinct calls, test server latency {latency:.2f} s")
+    print("| concurrency | wall s | calls/s | speed-up vs 1 |")
+    print("|---|---|---|---|")
+    base = None
+    for concurrency in (1, 4, 16):
+        with OpenAIServer(latency_s=latency) as server, tempfile.TemporaryDirectory() as folder:
+            endpoint = EndpointConfig(
+                base_url=server.base_url, model="bench", api_key_env=None, max_concurrency=concurrency
+            )
+            with TeacherCache(folder) as cache:
+                client = CachedTeacher(endpoint, SamplingConfig(), cache, "bench", progress=False)
+                batch = [[{"role": "user", "content": f"call {i}"}] for i in range(calls)]
+                started = time.perf_counter()
+                client.complete_many(batch)
+                wall = time.perf_counter() - started
+        base = base or wall
+        print(f"| {concurrency} | {wall:.2f} | {calls / wall:.1f} | {base / wall:.1f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--queries", type=int, default=43)
+    parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--max-words", type=int, default=60)
+    parser.add_argument("--methods", default="listwise,pointwise-yes-no,pointwise-graded")
+    parser.add_argument("--skip-embedded", action="store_true")
+    parser.add_argument("--throughput-calls", type=int, default=48)
+    parser.add_argument("--latency", type=float, default=0.2)
+    args = parser.parse_args()
+    bench_calls()
+    bench_throughput(args.throughput_calls, args.latency)
+    if not args.skip_embedded:
+        bench_embedded(args)
+
+
+if __name__ == "__main__":
+    main()
