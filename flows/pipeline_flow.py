@@ -168,6 +168,39 @@ def collection_markdown(name: str, result: Mapping, measures: Sequence[str] = ()
     return "\n".join([title, "", *_table(header, rows)])
 
 
+def teacher_markdown(teachers: Mapping[str, Mapping]) -> str:
+    """The teacher's section of the artifact: one row per labelled collection (``metrics/teacher/<name>.json``).
+
+    >>> print(teacher_markdown({"scifact": {"method": "listwise", "model": "m", "queries": {"labelled": 4},
+    ...     "calls": {"made": 4, "from_cache": 0}, "identity_share": 1.0,
+    ...     "quality": {"teacher": 0.5, "first_stage": 0.5, "measure": "nDCG@10"}}}))
+    ## teacher
+    <BLANKLINE>
+    | collection | method | model | queries | calls | cached | identity | teacher nDCG@10 | first-stage nDCG@10 |
+    |---|---:|---:|---:|---:|---:|---:|---:|---:|
+    | scifact | listwise | m | 4 | 4 | 0 | 1.0000 | 0.5000 | 0.5000 |
+    """
+    header = ["collection", "method", "model", "queries", "calls", "cached", "identity"]
+    header += ["teacher nDCG@10", "first-stage nDCG@10"]
+    rows = []
+    for name, t in teachers.items():
+        calls, quality = t.get("calls", {}), t.get("quality", {})
+        rows.append(
+            [
+                name,
+                t.get("method"),
+                t.get("model"),
+                t.get("queries", {}).get("labelled"),
+                calls.get("made"),
+                calls.get("from_cache"),
+                t.get("identity_share"),
+                quality.get("teacher"),
+                quality.get("first_stage"),
+            ]
+        )
+    return "\n".join(["## teacher", "", *_table(header, rows)])
+
+
 def metrics_markdown(metrics: Mapping[str, Mapping], measures: Sequence[str] = ()) -> str:
     """The markdown artifact for ``eval.json``: one table per collection, runs × measures.
 
@@ -353,8 +386,12 @@ def publish_metrics(repo_dir: str, params_file: str) -> dict:
         return {}
     metrics = json.loads(path.read_text(encoding="utf-8"))
     measures = load_params(Path(repo_dir) / params_file).evaluate.measures
+    markdown = metrics_markdown(metrics, measures)
+    teachers = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(path.parent.glob("teacher/*.json"))}
+    if teachers:
+        markdown += "\n\n" + teacher_markdown(teachers)
     create_markdown_artifact(
-        markdown=metrics_markdown(metrics, measures),
+        markdown=markdown,
         key=ARTIFACT_KEY,
         description=f"Evaluation metrics ({path.name}) of the distillrank pipeline",
     )

@@ -268,13 +268,11 @@ def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, mi
             counters = client.counters
         model, template_hash = endpoint.model, template.sha256
 
-    first_stage_rank = pool.candidates.set_index(["query_id", "doc_id"])["rank"]
-    rankings = outcome.rankings.assign(
+    first_stage = pool.candidates[["query_id", "doc_id", "rank"]].rename(columns={"rank": "first_stage_rank"})
+    # imported labels may rank documents outside the pool: their first-stage rank is null
+    rankings = outcome.rankings.merge(first_stage, on=["query_id", "doc_id"], how="left").assign(
         collection=name,
-        first_stage_rank=[
-            first_stage_rank.get((q, d))
-            for q, d in zip(outcome.rankings.query_id, outcome.rankings.doc_id, strict=True)
-        ],
+        first_stage_rank=lambda r: r.first_stage_rank.astype("Int32"),
         model=model,
         method=teacher.method,
         template_hash=template_hash,
