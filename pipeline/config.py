@@ -235,7 +235,7 @@ class ImportedConfig:
 @dataclass(config=STRICT)
 class TeacherConfig:
     backend: Literal["embedded", "openai"] = "embedded"
-    method: Literal["listwise", "pointwise", "imported"] = "listwise"
+    method: Literal["listwise", "pointwise", "imported"] = "pointwise"  # what measured best embedded (bench)
     # any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp's server, Ollama) when backend is "openai"
     endpoint: EndpointConfig | None = None
     embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
