@@ -93,6 +93,25 @@ TEACHER_RANKINGS = pa.schema(
     ]
 )
 
+# One row per listwise window the teacher answered: what it covered, how its answer parsed, whether it was an
+# identity permutation (the degenerate answer small models give), and how many calls it took.
+TEACHER_WINDOWS = pa.schema(
+    [
+        pa.field("collection", pa.string(), nullable=False),
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("window_start", pa.int32(), nullable=False),
+        pa.field("window_end", pa.int32(), nullable=False),
+        pa.field("parse_status", pa.string(), nullable=False),  # ok | repaired | failed
+        pa.field("missing_ids", pa.int32(), nullable=False),
+        pa.field("duplicate_ids", pa.int32(), nullable=False),
+        pa.field("out_of_range_ids", pa.int32(), nullable=False),
+        pa.field("identity", pa.bool_(), nullable=False),
+        pa.field("attempts", pa.int32(), nullable=False),
+        pa.field("response", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
 
 @dataclass(frozen=True)
 class TableSpec:
@@ -116,5 +135,6 @@ TABLES: dict[str, TableSpec] = {
         TableSpec("candidates", CANDIDATES, "candidates.parquet", "collection", "retrieval"),
         TableSpec("eval_per_query", EVAL_PER_QUERY, "per_query.parquet", "global", "evaluation"),
         TableSpec("teacher_rankings", TEACHER_RANKINGS, "teacher_rankings.parquet", "collection", "teacher"),
+        TableSpec("teacher_windows", TEACHER_WINDOWS, "teacher_windows.parquet", "collection", "teacher"),
     )
 }

@@ -94,6 +94,9 @@ def test_listwise_reverses_and_a_rerun_pays_nothing(teach_root: Path) -> None:
             # every window was reversed, so the first stage's top document is no longer first
             assert group.first_stage_rank.iloc[0] != 1 or len(group) == 1
         assert (teach_root / "metrics/teacher/tiny.json").is_file()
+        windows = pd.read_parquet(teach_root / "data/teacher/tiny/teacher_windows.parquet")
+        assert len(windows) == first["windows"] and set(windows.parse_status) == {"ok"}
+        assert not windows.identity.any() and (windows.attempts == 1).all()
 
         again = run_teach(params)
         assert server.served_ok == calls  # nothing paid twice
@@ -132,6 +135,9 @@ def test_unparseable_answers_are_retried_then_reported(teach_root: Path) -> None
             os.symlink(teach_root / "data" / name, teach_root / "hopeless" / "data" / name)
         summary = run_teach(params)
         assert summary["parse"]["failed"] == summary["windows"]  # kept in place (first-stage order) and counted
+        windows = pd.read_parquet(teach_root / "hopeless/data/teacher/tiny/teacher_windows.parquet")
+        assert set(windows.parse_status) == {"failed"} and (windows.attempts == 2).all()
+        assert set(windows.response) == {"no idea"}
         labels = rankings(teach_root / "hopeless")
         assert (labels.teacher_rank == labels.first_stage_rank).all()
 

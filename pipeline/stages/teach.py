@@ -92,11 +92,26 @@ def teacher_endpoint(teacher: TeacherConfig, paths: Paths) -> Iterator[EndpointC
         yield EndpointConfig(base_url=base_url, model=teacher.embedded.model_name, api_key_env=None, max_concurrency=1)
 
 
+WINDOW_COLUMNS = [
+    "query_id",
+    "window_start",
+    "window_end",
+    "parse_status",
+    "missing_ids",
+    "duplicate_ids",
+    "out_of_range_ids",
+    "identity",
+    "attempts",
+    "response",
+]
+
+
 @dataclasses.dataclass
 class TeachOutcome:
     rankings: pd.DataFrame  # query_id, doc_id, teacher_rank, score
     stats: dict
     stopped: str | None = None  # why the teacher stopped early (budget), if it did
+    windows: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=WINDOW_COLUMNS))
 
 
 def teach_listwise(pool: Pool, client: CachedTeacher, teacher: TeacherConfig) -> TeachOutcome:
@@ -168,7 +183,26 @@ def teach_listwise(pool: Pool, client: CachedTeacher, teacher: TeacherConfig) ->
         "template": f"{template.name}@v{template.version}",
     }
     frame = pd.DataFrame(rows, columns=["query_id", "doc_id", "teacher_rank", "score"])
-    return TeachOutcome(frame, stats, stopped)
+    windows_table = pd.DataFrame(
+        [
+            (
+                q,
+                c.start,
+                c.end,
+                c.parsed.status,
+                c.parsed.missing,
+                c.parsed.duplicates,
+                c.parsed.out_of_range,
+                c.identity,
+                c.attempts,
+                c.response,
+            )
+            for q, result in results.items()
+            for c in result.calls
+        ],
+        columns=WINDOW_COLUMNS,
+    )
+    return TeachOutcome(frame, stats, stopped, windows_table)
 
 
 def teach_pointwise(pool: Pool, client: CachedTeacher, teacher: TeacherConfig) -> TeachOutcome:
@@ -280,6 +314,10 @@ def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, mi
     )
     spec = schemas.TABLES["teacher_rankings"]
     write_table(rankings, spec.schema, paths.teacher_dir(name) / spec.filename)
+    # per-window parse records (listwise; empty for the other methods, so the table always exists)
+    windows_spec = schemas.TABLES["teacher_windows"]
+    windows = outcome.windows.assign(collection=name, run_id=run_id)
+    write_table(windows, windows_spec.schema, paths.teacher_dir(name) / windows_spec.filename)
     wall = time.perf_counter() - started
     summary = {
         "collection": name,
