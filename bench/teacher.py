@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the test server lives with the tests
 from openai_server import OpenAIServer  # noqa: E402
 from pipeline.config import EndpointConfig, SamplingConfig, TeacherConfig  # noqa: E402
 from pipeline.io import read_trec_run  # noqa: E402
+from pipeline.lucene import document_contents  # noqa: E402
 from pipeline.metrics import evaluate_run  # noqa: E402
 from pipeline.sources import load_beir_folder  # noqa: E402
 from pipeline.stages.teach import Pool, teach_listwise, teach_pointwise, teacher_endpoint  # noqa: E402
@@ -47,7 +48,7 @@ def dl19_pool(queries: int, depth: int) -> tuple[Pool, pd.DataFrame]:
     chosen = sorted(run.query_id.unique())[:queries]
     run = run[run.query_id.isin(chosen)]
     corpus = collection.corpus.set_index("doc_id")
-    passages = [f"{corpus.title[d]} {corpus.text[d]}".strip() for d in run.doc_id]
+    passages = [document_contents(corpus.title[d], corpus.text[d]) for d in run.doc_id]
     candidates = run.assign(passage=passages)[["query_id", "doc_id", "rank", "passage"]]
     texts = collection.queries.set_index("query_id").text
     pool = Pool(queries=pd.DataFrame({"query_id": chosen, "text": [texts[q] for q in chosen]}), candidates=candidates)

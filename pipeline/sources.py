@@ -194,6 +194,11 @@ def check_unknown_qrels(
     return qrels, unknown
 
 
+def empty_shipped_runs() -> pd.DataFrame:
+    """The shipped-runs table of a collection that ships none."""
+    return pd.DataFrame({"run": [], "query_id": [], "doc_id": [], "rank": [], "score": []})
+
+
 def _with_collection(frame: pd.DataFrame, name: str) -> pd.DataFrame:
     return frame.assign(collection=name)
 
@@ -221,11 +226,7 @@ def load_beir_folder(
             runs.append(read_trec_run(path).assign(run=path.stem))
         except RunFormatError as err:
             raise CollectionError(str(err)) from None
-    shipped = (
-        pd.concat(runs, ignore_index=True)
-        if runs
-        else pd.DataFrame({"run": [], "query_id": [], "doc_id": [], "rank": [], "score": []})
-    )
+    shipped = pd.concat(runs, ignore_index=True) if runs else empty_shipped_runs()
     return LoadedCollection(
         name=name,
         corpus=_with_collection(corpus, name),
@@ -308,7 +309,7 @@ def load_ir_datasets(
     )
     qrels, unknown = check_unknown_qrels(qrels, queries, corpus, on_unknown_qrels, f"ir_datasets:{name}")
     queries = queries.assign(split=assign_splits(queries, qrels), origin=COLLECTION_ORIGIN)
-    shipped = pd.DataFrame({"run": [], "query_id": [], "doc_id": [], "rank": [], "score": []})
+    shipped = empty_shipped_runs()
     return LoadedCollection(
         name=name,
         corpus=_with_collection(corpus, name),

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from pipeline import schemas
 from pipeline.config import ConfigError, EndpointConfig, Params, Paths, SamplingConfig, TeacherConfig, TeachTarget
 from pipeline.io import read_table, write_json, write_table
+from pipeline.lucene import document_contents
 from pipeline.metrics import evaluate_run
 from pipeline.stages.common import split_queries
 from pipeline.teacher.cache import TeacherCache
@@ -70,7 +71,7 @@ def load_pool(name: str, target: TeachTarget, paths: Paths) -> Pool:
     corpus = read_table(paths.collection_dir(name) / schemas.TABLES["corpus"].filename)
     corpus = corpus[corpus.doc_id.isin(set(candidates.doc_id))]
     passages = pd.Series(
-        [f"{t} {x}" if t else x for t, x in zip(corpus.title, corpus.text, strict=True)], index=corpus.doc_id
+        [document_contents(t, x) for t, x in zip(corpus.title, corpus.text, strict=True)], index=corpus.doc_id
     )
     candidates = candidates.sort_values(["query_id", "rank"]).assign(passage=lambda c: c.doc_id.map(passages))
     queries = queries[queries.query_id.isin(set(candidates.query_id))].reset_index(drop=True)
