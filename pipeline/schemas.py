@@ -26,9 +26,11 @@ QUERIES = pa.schema(
         pa.field("text", pa.string(), nullable=False),
         # the qrels split(s) that judge the query ("test", "train", ...); "unjudged" when none does
         pa.field("split", pa.string(), nullable=False),
-        # where the query comes from: "collection" for a collection's own queries; later stages add
+        # where the query comes from: "collection" for a collection's own queries; the synthesize stage's are
         # "cropped", "generated-llm", "generated-doc2query"
         pa.field("origin", pa.string(), nullable=False),
+        # the corpus document a synthesized query was cropped from or generated for (null for a collection's own)
+        pa.field("source_doc_id", pa.string(), nullable=True),
     ]
 )
 
@@ -113,6 +115,56 @@ TEACHER_WINDOWS = pa.schema(
 )
 
 
+# Training examples built from teacher rankings: one group per query (its candidates with the teacher's rank) and
+# TWOLAR's target 1/(teacher_rank + 1). ``collection`` is the teach target's name; ``split``: train | dev.
+TRAINING_EXAMPLES = pa.schema(
+    [
+        pa.field("collection", pa.string(), nullable=False),
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("query", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("passage", pa.string(), nullable=False),
+        pa.field("teacher_rank", pa.int32(), nullable=False),
+        pa.field("target", pa.float64(), nullable=False),
+        pa.field("teacher_score", pa.float64(), nullable=True),
+        pa.field("split", pa.string(), nullable=False),
+    ]
+)
+
+# Reason-to-Rank rationales: for each passage of a teacher window, a direct reason (how it addresses the query)
+# and a comparative one (why it ranks above/below the others), with the answer sentence the teacher found.
+RATIONALES = pa.schema(
+    [
+        pa.field("collection", pa.string(), nullable=False),
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),  # direct | comparative
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("answer_sentence", pa.string(), nullable=True),
+        pa.field("compared_doc_ids", pa.list_(pa.string()), nullable=False),
+        pa.field("window_rank", pa.int32(), nullable=True),  # the passage's place in the teacher's window order
+        pa.field("parse_status", pa.string(), nullable=False),  # ok | repaired | failed
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("template_hash", pa.string(), nullable=False),
+        pa.field("call_key", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+# A student's reranking of an evaluation collection's first-stage run.
+RERANKED = pa.schema(
+    [
+        pa.field("collection", pa.string(), nullable=False),
+        pa.field("student", pa.string(), nullable=False),
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("score", pa.float64(), nullable=False),
+        pa.field("first_stage_rank", pa.int32(), nullable=False),
+    ]
+)
+
+
 @dataclass(frozen=True)
 class TableSpec:
     """A table: its schema and the file name it has in its folder."""
@@ -136,5 +188,11 @@ TABLES: dict[str, TableSpec] = {
         TableSpec("eval_per_query", EVAL_PER_QUERY, "per_query.parquet", "global", "evaluation"),
         TableSpec("teacher_rankings", TEACHER_RANKINGS, "teacher_rankings.parquet", "collection", "teacher"),
         TableSpec("teacher_windows", TEACHER_WINDOWS, "teacher_windows.parquet", "collection", "teacher"),
+        TableSpec("rationales", RATIONALES, "rationales.parquet", "collection", "teacher"),
+        # synthesized queries (same columns as queries) and their pools (same columns as candidates)
+        TableSpec("synthetic_queries", QUERIES, "queries.parquet", "collection", "synthetic"),
+        TableSpec("pool_candidates", CANDIDATES, "candidates.parquet", "collection", "pool"),
+        TableSpec("training_examples", TRAINING_EXAMPLES, "examples.parquet", "collection", "training"),
+        TableSpec("reranked", RERANKED, "reranked.parquet", "collection", "reranked"),
     )
 }

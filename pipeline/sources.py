@@ -219,7 +219,7 @@ def load_beir_folder(
         else pd.DataFrame({"query_id": [], "doc_id": [], "relevance": [], "split": []})
     )
     qrels, unknown = check_unknown_qrels(qrels, queries, corpus, on_unknown_qrels, str(folder / "qrels"))
-    queries = queries.assign(split=assign_splits(queries, qrels), origin=COLLECTION_ORIGIN)
+    queries = queries.assign(split=assign_splits(queries, qrels), origin=COLLECTION_ORIGIN, source_doc_id=None)
     runs = []
     for path in sorted((folder / "runs").glob("*.trec")):
         try:
@@ -308,7 +308,7 @@ def load_ir_datasets(
         else pd.DataFrame({"query_id": [], "doc_id": [], "relevance": [], "split": []})
     )
     qrels, unknown = check_unknown_qrels(qrels, queries, corpus, on_unknown_qrels, f"ir_datasets:{name}")
-    queries = queries.assign(split=assign_splits(queries, qrels), origin=COLLECTION_ORIGIN)
+    queries = queries.assign(split=assign_splits(queries, qrels), origin=COLLECTION_ORIGIN, source_doc_id=None)
     shipped = empty_shipped_runs()
     return LoadedCollection(
         name=name,

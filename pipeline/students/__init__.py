@@ -1,0 +1,1 @@
+"""Student rerankers: one interface (``Student.score_pairs``) over cross-encoders, TWOLAR LM scorers and R2R."""
