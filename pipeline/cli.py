@@ -9,7 +9,22 @@ import json
 import sys
 from pathlib import Path
 
-STAGES = ("fetch", "prepare", "index", "retrieve", "teach", "evaluate")
+STAGES = (
+    "fetch",
+    "prepare",
+    "index",
+    "encode",
+    "retrieve",
+    "synthesize",
+    "pool",
+    "teach",
+    "build",
+    "train",
+    "rerank",
+    "evaluate",
+)
+# Commands with their own module: distillrank <command> --help
+TOOLS = {"rerank": "pipeline.rerank", "explain": "pipeline.students.explain"}
 
 
 def _sql(argv: list[str]) -> int:
@@ -65,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="distillrank",
         description="Distil an LLM teacher's reranking into small student rerankers.",
-        epilog="commands: stage NAME [COLLECTION] | sql QUERY",
+        epilog="commands: stage NAME [COLLECTION] | sql QUERY | rerank --model DIR ... | explain --model DIR ...",
     )
-    parser.add_argument("command", choices=("stage", "sql"))
+    parser.add_argument("command", choices=("stage", "sql", *TOOLS))
     parser.add_argument("rest", nargs=argparse.REMAINDER)
     if not argv or argv[0] in {"-h", "--help"}:
         parser.print_help()
@@ -76,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     rest = argv[1:]
     if args.command == "sql":
         return _sql(rest)
+    if args.command in TOOLS:
+        return importlib.import_module(TOOLS[args.command]).main(rest)
     if not rest or rest[0] not in STAGES:
         print(f"usage: distillrank stage {{{','.join(STAGES)}}} [COLLECTION] [--params FILE]", file=sys.stderr)
         return 2

@@ -43,7 +43,8 @@ class Paths:
     dense: str = "data/dense"  # bi-encoder document embeddings + FAISS index, one folder per collection
     pool: str = "data/pool"  # candidate pools of the synthesized queries (every method + the fused pool)
     training: str = "data/training"  # training examples built from the teacher's labels, one folder per target
-    students: str = "data/students"  # trained students (Hugging Face format) + checkpoints, one folder each
+    students: str = "data/students"  # trained students (Hugging Face format), one folder each
+    checkpoints: str = "data/checkpoints"  # training checkpoints (persist: true, so a killed run resumes)
     reranked: str = "data/reranked"  # students' reranked runs, one folder per student
     metrics: str = "metrics"
     plots: str = "plots"
@@ -80,6 +81,9 @@ class Paths:
 
     def reranked_dir(self, name: str) -> Path:
         return Path(self.reranked) / name
+
+    def checkpoint_dir(self, name: str) -> Path:
+        return Path(self.checkpoints) / name
 
 
 @dataclass(config=STRICT)
