@@ -353,6 +353,27 @@ class PointwiseConfig:
 
 
 @dataclass(config=STRICT)
+class RationalesConfig:
+    """Reason-to-Rank's teacher: a window of passages ranked with, for each passage, a direct reason (with the
+    answer sentence it found) and a comparative one, as JSON. R2R's windows do not overlap (``step == window``):
+    each window is ranked on its own and the windows keep their first-stage order. ``step < window`` makes them
+    overlap and move up from the bottom as RankGPT's do (a passage then has one set of reasons per window)."""
+
+    template: str = "r2r-rationales"
+    window: int = Field(default=5, ge=1)
+    step: int = Field(default=5, ge=1)
+    max_words: int = Field(default=120, ge=1)  # each passage is cut to this many words in the prompt
+    max_tokens: int = Field(default=1024, ge=16)  # three reasons per passage need far more than a ranking
+    parse_retries: int = Field(default=1, ge=0)  # re-asks after an answer with nothing usable
+    retry_temperature: float = Field(default=0.7, ge=0)  # a retry samples (seed + attempt) instead of greedy
+    use_json_schema: bool = True  # constrain the answer with response_format json_schema (OpenAI, llama.cpp)
+
+    def __post_init__(self) -> None:
+        if self.step > self.window:
+            raise ValueError(f"step {self.step} must not exceed window {self.window} (passages would go unseen)")
+
+
+@dataclass(config=STRICT)
 class ImportedConfig:
     """Teacher rankings someone already has: a TREC run, or rank_llm's JSON/JSONL output."""
 
@@ -364,13 +385,15 @@ class ImportedConfig:
 @dataclass(config=STRICT)
 class TeacherConfig:
     backend: Literal["embedded", "openai"] = "embedded"
-    method: Literal["listwise", "pointwise", "imported"] = "pointwise"  # what measured best embedded (bench)
+    # pointwise: what measured best embedded (bench); rationales: Reason-to-Rank's ranking with reasons
+    method: Literal["listwise", "pointwise", "imported", "rationales"] = "pointwise"
     # any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp's server, Ollama) when backend is "openai"
     endpoint: EndpointConfig | None = None
     embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     listwise: ListwiseConfig = Field(default_factory=ListwiseConfig)
     pointwise: PointwiseConfig = Field(default_factory=PointwiseConfig)
+    rationales: RationalesConfig = Field(default_factory=RationalesConfig)
     imported: ImportedConfig = Field(default_factory=ImportedConfig)
     budget: Budget = Field(default_factory=Budget)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.config import Bm25Config, IndexConfig
+from pipeline.config import Bm25Config, IndexConfig, Rm3Config
 
 
 class LuceneError(RuntimeError):
@@ -157,10 +157,34 @@ def bm25_search(
     """
     searcher = lucene_searcher_class()(str(index_dir))
     searcher.set_bm25(k1=bm25.k1, b=bm25.b)
+    return _batch_search(searcher, queries, depth, threads, desc="bm25")
+
+
+def bm25_rm3_search(
+    index_dir: Path | str, queries: pd.DataFrame, depth: int, bm25: Bm25Config, rm3: Rm3Config, threads: int
+) -> pd.DataFrame:
+    """BM25 with RM3 pseudo-relevance feedback (pyserini's ``set_rm3``, as its CLI's ``--rm3``) → (query_id,
+    doc_id, rank, score). RM3 reads the feedback documents' term vectors: the index must store docvectors
+    (``index.store_docvectors``, the default)."""
+    searcher = lucene_searcher_class()(str(index_dir))
+    searcher.set_bm25(k1=bm25.k1, b=bm25.b)
+    try:
+        searcher.set_rm3(
+            fb_terms=rm3.fb_terms, fb_docs=rm3.fb_docs, original_query_weight=float(rm3.original_query_weight)
+        )
+    except TypeError as err:  # pyserini's way of saying the index has no document vectors
+        searcher.close()
+        raise LuceneError(f"{index_dir}: RM3 needs document vectors (index.store_docvectors: true)") from err
+    return _batch_search(searcher, queries, depth, threads, desc="bm25-rm3")
+
+
+def _batch_search(searcher, queries: pd.DataFrame, depth: int, threads: int, desc: str) -> pd.DataFrame:
+    """Run ``searcher.batch_search`` over ``queries`` in batches of 1000 (a progress bar per batch), then close
+    the searcher."""
     rows: list[tuple[str, str, int, float]] = []
     batch = 1000
     qids, texts = queries.query_id.tolist(), queries.text.tolist()
-    with tqdm(total=len(qids), desc="bm25", unit=" queries", leave=False) as progress:
+    with tqdm(total=len(qids), desc=desc, unit=" queries", leave=False) as progress:
         for start in range(0, len(qids), batch):
             hits = searcher.batch_search(
                 texts[start : start + batch], qids[start : start + batch], k=depth, threads=threads

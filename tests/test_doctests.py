@@ -17,6 +17,16 @@ MODULES = (
     "pipeline.teacher.client",
     "pipeline.teacher.imported",
     "pipeline.stages.teach",
+    "pipeline.synthesis",
+    "pipeline.retrievers",
+    "pipeline.pool",
+    "pipeline.students.losses",
+    "pipeline.students.models",
+    "pipeline.students.training",
+    "pipeline.students.r2r",
+    "pipeline.students.explain",
+    "pipeline.stages.build",
+    "pipeline.stages.synthesize",
 )
 
 

@@ -226,11 +226,20 @@ def test_every_table_uses_ir_column_names() -> None:
         assert not {"qid", "docid", "query-id", "corpus-id", "_id", "id", "pid"} & set(columns), name
         if name != "corpus":
             assert "query_id" in columns, name
-        if name not in {"queries", "eval_per_query", "teacher_windows"}:
+        if name not in {"queries", "synthetic_queries", "eval_per_query", "teacher_windows"}:
             assert "doc_id" in columns, name
         # only values that may truly be unknown are nullable: a listwise teacher gives no score, and an
-        # imported label may rank a document that the first stage did not retrieve
-        allowed_null = {("teacher_rankings", "score"), ("teacher_rankings", "first_stage_rank")}
+        # imported label may rank a document that the first stage did not retrieve; a collection's own query
+        # has no source document; a teacher may find no answer sentence; a teacher score may be unknown
+        allowed_null = {
+            ("teacher_rankings", "score"),
+            ("teacher_rankings", "first_stage_rank"),
+            ("queries", "source_doc_id"),
+            ("synthetic_queries", "source_doc_id"),
+            ("rationales", "answer_sentence"),
+            ("rationales", "window_rank"),
+            ("training_examples", "teacher_score"),
+        }
         for field in spec.schema:
             assert not field.nullable or (name, field.name) in allowed_null, (name, field.name)
         if "rank" in columns:

@@ -92,7 +92,7 @@ def test_relative_paths_resolve_against_the_root(tiny_pipeline: Path) -> None:
     relative = parse_params(tiny_params(None)).paths
     assert relative.collections == "data/collections"
     statements = duck.view_statements(relative, tiny_pipeline)
-    assert len(statements) == 7  # six tables and the (empty) teacher_calls view
+    assert len(statements) == 8  # six tables, all_queries and the (empty) teacher_calls view
     assert str((tiny_pipeline / "data/collections").resolve()) in statements[0]
     assert duck.query(relative, "SELECT count(*) FROM corpus", tiny_pipeline)[1] == [(15,)]
 
@@ -157,7 +157,16 @@ def test_cli_print_views(tiny_pipeline: Path) -> None:
     assert result.returncode == 0, result.stderr
     statements = result.stdout.strip().splitlines()
     names = [s.split()[4] for s in statements]
-    assert names == ["corpus", "queries", "qrels", "shipped_runs", "candidates", "eval_per_query", "teacher_calls"]
+    assert names == [
+        "corpus",
+        "queries",
+        "qrels",
+        "shipped_runs",
+        "candidates",
+        "eval_per_query",
+        "teacher_calls",
+        "all_queries",
+    ]
     assert all(s.startswith("CREATE OR REPLACE VIEW ") and s.endswith(";") for s in statements)
     # the statements work as they are in a fresh duckdb session (what the option is for)
     con = duckdb.connect()

@@ -15,9 +15,18 @@ from pipeline import schemas
 from pipeline.config import DEFAULT_PARAMS_FILE, ConfigError, Params, Paths, load_params
 from pipeline.io import RunFormatError, read_table
 from pipeline.sources import CollectionError, in_split
+from pipeline.students.base import StudentLoadError
 
 # Errors a user can fix: printed as one clear line, without a traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CollectionError, RunFormatError, FileNotFoundError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    CollectionError,
+    RunFormatError,
+    FileNotFoundError,
+    StudentLoadError,
+)
+# Stages that call the teacher (whose dependencies are imported only when needed).
+TEACHER_STAGES = frozenset({"teach", "synthesize"})
 
 
 def _teacher_errors() -> tuple[type[Exception], ...]:
@@ -44,7 +53,7 @@ def stage_main(
         params = load_params(args.params)
         summary = body(params, getattr(args, "collection", None))
     except Exception as err:
-        if not isinstance(err, USER_ERRORS + (_teacher_errors() if stage == "teach" else ())):
+        if not isinstance(err, USER_ERRORS + (_teacher_errors() if stage in TEACHER_STAGES else ())):
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2

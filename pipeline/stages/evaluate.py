@@ -1,12 +1,20 @@
 """evaluate: every run on every evaluation collection, measured with ``ir_measures``.
 
-Runs are our first-stage runs (the ``candidates`` table, one run per method) and, when asked, the runs a
-collection ships in ``runs/`` (named ``shipped-<name>``). Writes ``metrics/eval.json`` (DVC metrics), the
-``eval_per_query`` table, and per-query deltas against the baseline run as a DVC plot (CSV) and PNGs.
+Runs are our first-stage runs (the ``candidates`` table, one run per method); when asked, the runs a collection
+ships in ``runs/`` (named ``shipped-<name>``); every student's reranked run found under ``paths.reranked`` (named
+after the student); and the teacher's ranking (``teacher``) where it labelled queries of the evaluation split,
+measured on those queries only. Writes ``metrics/eval.json`` (DVC metrics; with the students' fidelity figures
+from ``metrics/students/*.json`` under ``students``), the ``eval_per_query`` table, and per-query deltas against
+the baseline run (paired t-test and Wilcoxon signed-rank p-values) as a DVC plot (CSV) and PNGs.
+
+None of the student or teacher folders has to exist: without them only the first-stage runs are evaluated.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import sys
 from pathlib import Path
 
@@ -19,8 +27,12 @@ from pipeline.io import atomic_path, read_table, write_json, write_table, write_
 from pipeline.metrics import evaluate_run
 from pipeline.stages.common import split_queries
 
+log = logging.getLogger(__name__)
+
 SHIPPED_PREFIX = "shipped-"
+TEACHER_RUN = "teacher"
 EVAL_METRICS_FILE = "eval.json"
+STUDENT_METRICS_FOLDER = "students"  # metrics/students/<name>.json, written by the train stage
 DELTAS_CSV = "per_query_deltas.csv"
 DELTAS_PNG_FOLDER = "deltas"
 
@@ -35,22 +47,103 @@ def collection_runs(paths: Paths, name: str, include_shipped: bool) -> dict[str,
     return runs
 
 
+def student_runs(paths: Paths, name: str) -> dict[str, pd.DataFrame]:
+    """Every student's reranked run of collection ``name`` under ``paths.reranked``: student name → run.
+
+    No ``paths.reranked`` folder, or no student that reranked ``name``: an empty mapping.
+    """
+    spec = schemas.TABLES["reranked"]
+    runs: dict[str, pd.DataFrame] = {}
+    for path in sorted(Path(paths.reranked).glob(f"*/{spec.filename}")):
+        table = read_table(path)
+        for student, frame in table[table.collection == name].groupby("student", sort=True):
+            if student in runs:
+                raise ConfigError(f"{path}: student {student!r} also has a reranked run in another folder")
+            runs[student] = frame[["query_id", "doc_id", "rank", "score"]].reset_index(drop=True)
+    return runs
+
+
+def teacher_run(paths: Paths, name: str, split_ids: set[str]) -> pd.DataFrame | None:
+    """The teacher's ranking of collection ``name`` on the queries of ``split_ids`` it labelled, as a run
+    (score = -teacher_rank, since listwise labels have no score); None when it labelled none of them."""
+    path = paths.teacher_dir(name) / schemas.TABLES["teacher_rankings"].filename
+    if not path.is_file():
+        return None
+    table = read_table(path)
+    table = table[table.query_id.isin(split_ids)]
+    if table.empty:
+        return None
+    return pd.DataFrame(
+        {
+            "query_id": table.query_id.to_numpy(),
+            "doc_id": table.doc_id.to_numpy(),
+            "rank": table.teacher_rank.to_numpy(),
+            "score": -table.teacher_rank.astype(float).to_numpy(),
+        }
+    )
+
+
+def student_fidelity(paths: Paths) -> dict[str, dict]:
+    """The fidelity figures the train stage wrote to ``metrics/students/<name>.json``, by student name."""
+    folder = Path(paths.metrics) / STUDENT_METRICS_FOLDER
+    figures = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            figures[path.stem] = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON: {err}") from None
+    return figures
+
+
+def _p_value(value: float) -> float | None:
+    """A p-value with 3 significant digits; None where the test is undefined (e.g. every delta equal).
+
+    >>> _p_value(0.0123456), _p_value(float("nan"))
+    (0.0123, None)
+    """
+    return None if math.isnan(value) else float(f"{value:.3g}")
+
+
+def paired_tests(run: pd.Series, baseline: pd.Series) -> tuple[float | None, float | None]:
+    """Paired t-test and Wilcoxon signed-rank p-values of ``run`` against ``baseline`` (same queries).
+
+    Identical values give 1.0 for both (no evidence of a difference; scipy would raise or return NaN). The paired
+    t-test is the one-sample t-test of the deltas (as ``ttest_rel``). Wilcoxon drops zero deltas (Wilcoxon's own
+    convention, scipy's default).
+
+    >>> a, b = pd.Series([0.5, 0.4, 0.3]), pd.Series([0.5, 0.4, 0.3])
+    >>> paired_tests(a, b)
+    (1.0, 1.0)
+    """
+    # rounded: 0.6 - 0.5 and 0.5 - 0.4 differ in the last bit, which would turn "no variance" into a p of 0
+    delta = (run.to_numpy(dtype=float) - baseline.to_numpy(dtype=float)).round(9)
+    if not (delta != 0).any():
+        return 1.0, 1.0
+    # every delta equal: the t statistic is undefined (no variance); Wilcoxon still says something
+    t_p = None if len(set(delta)) == 1 else _p_value(float(stats.ttest_1samp(delta, 0.0).pvalue))
+    return t_p, _p_value(float(stats.wilcoxon(delta).pvalue))
+
+
 def compare_to_baseline(per_query: pd.DataFrame, baseline: str, measure: str) -> dict[str, dict[str, float]]:
-    """Per run: mean delta against the baseline on ``measure``, wins/losses/ties and a paired t-test p-value."""
+    """Per run: mean delta against the baseline on ``measure``, wins/losses/ties, paired t-test and Wilcoxon
+    signed-rank p-values, over the queries both runs were measured on (the teacher's: only those it labelled)."""
     values = per_query[per_query.measure == measure].pivot(index="query_id", columns="run", values="value")
     out: dict[str, dict[str, float]] = {}
     for run in values.columns:
         if run == baseline:
             continue
-        delta = values[run] - values[baseline]
-        test = stats.ttest_rel(values[run], values[baseline]) if delta.abs().sum() > 0 else None
+        pair = values[[run, baseline]].dropna()
+        delta = (pair[run] - pair[baseline]).round(9)  # as paired_tests: float noise is not a win
+        t_p, wilcoxon_p = paired_tests(pair[run], pair[baseline])
         out[run] = {
             "measure": measure,
-            "delta": round(float(delta.mean()), 4),
+            "queries": len(pair),
+            "delta": round(float(delta.mean()), 4) if len(pair) else 0.0,
             "wins": int((delta > 0).sum()),
             "losses": int((delta < 0).sum()),
             "ties": int((delta == 0).sum()),
-            "p_value": float(f"{test.pvalue:.3g}") if test is not None else 1.0,
+            "p_value": t_p,
+            "wilcoxon_p_value": wilcoxon_p,
         }
     return out
 
@@ -64,7 +157,8 @@ def delta_rows(per_query: pd.DataFrame, baseline: str, measure: str) -> pd.DataF
     for run in values.columns:
         if run == baseline:
             continue
-        delta = (values[run] - values[baseline]).rename("delta").reset_index()
+        # dropna: the teacher is measured on its own queries only
+        delta = (values[run] - values[baseline]).rename("delta").dropna().reset_index()
         delta = delta.sort_values(["collection", "delta"], kind="stable")
         delta["order"] = delta.groupby("collection").cumcount()
         rows.append(delta.assign(run=run, measure=measure))
@@ -118,18 +212,35 @@ def run(
         runs = collection_runs(paths, name, cfg.include_shipped_runs)
         if cfg.baseline not in runs:
             raise ConfigError(f"evaluate.baseline: run {cfg.baseline!r} is missing on {name} (runs: {sorted(runs)})")
+        for student, frame in student_runs(paths, name).items():
+            if student in runs or student == TEACHER_RUN:
+                raise ConfigError(f"students.{student}: the name is taken by another run on {name}; rename it")
+            runs[student] = frame
+        # the teacher is measured on the queries it labelled only: its other queries are not misses
+        teacher = teacher_run(paths, name, split_ids)
+        judged_by = {run_name: qrels for run_name in runs}
+        if teacher is not None:
+            runs[TEACHER_RUN] = teacher
+            judged_by[TEACHER_RUN] = qrels[qrels.query_id.isin(set(teacher.query_id))]
         results = {}
         for run_name, frame in runs.items():
             frame = frame[frame.query_id.isin(split_ids)]
-            evaluated = evaluate_run(qrels, frame, cfg.measures, min_relevance[name])
+            evaluated = evaluate_run(judged_by[run_name], frame, cfg.measures, min_relevance[name])
             results[run_name] = {k: round(v, 4) for k, v in evaluated.aggregate.items()}
             per_query_frames.append(evaluated.per_query.assign(collection=name, run=run_name))
         metrics[name] = {"queries": int(qrels.query_id.nunique()), "runs": results}
+        if teacher is not None:
+            metrics[name]["teacher_queries"] = int(judged_by[TEACHER_RUN].query_id.nunique())
     per_query = pd.concat(per_query_frames, ignore_index=True)
     headline = cfg.measures[0]
     for name in evaluation:
         mine = per_query[per_query.collection == name]
         metrics[name]["vs_" + cfg.baseline] = compare_to_baseline(mine, cfg.baseline, headline)
+    fidelity = student_fidelity(paths)
+    if fidelity:
+        if "students" in evaluation:
+            log.warning("eval.json: a collection named 'students' is shadowed by the students' fidelity figures")
+        metrics["students"] = fidelity
 
     spec = schemas.TABLES["eval_per_query"]
     write_table(per_query, spec.schema, Path(paths.evaluation) / spec.filename)

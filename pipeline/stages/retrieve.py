@@ -3,19 +3,22 @@ per method (``<paths.retrieval>/<collection>/runs/<method>.trec``).
 
 Every split is retrieved (BM25 costs milliseconds a query): ``evaluate`` keeps the evaluation split, the
 teacher labels the training split, so neither re-runs retrieval when the other's split changes.
+
+Methods: ``pipeline.retrievers`` (bm25, bm25-rm3, dense, splade, bm25+rerank, rrf). ``dense`` reads the folder the
+``encode`` stage wrote (``<paths.dense>/<collection>``); ``rrf`` computes the inputs it fuses that are not in
+``retrieve.methods`` itself, without writing them.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 
 import pandas as pd
 
 from pipeline import schemas
-from pipeline.config import ConfigError, Params, Paths, RetrieveConfig
+from pipeline.config import Params, Paths, RetrieveConfig
 from pipeline.io import read_table, write_table, write_trec_run
-from pipeline.lucene import bm25_search
+from pipeline.retrievers import retrieve
 
 RUNS_FOLDER = "runs"
 
@@ -23,14 +26,9 @@ RUNS_FOLDER = "runs"
 def run(name: str, cfg: RetrieveConfig, paths: Paths) -> dict:
     queries = read_table(paths.collection_dir(name) / schemas.TABLES["queries"].filename)
     out = paths.retrieval_dir(name)
-    frames, timings = [], {}
-    for method in cfg.methods:
-        started = time.perf_counter()
-        if method == "bm25":
-            run_frame = bm25_search(paths.index_dir(name), queries, cfg.depth, cfg.bm25, cfg.threads)
-        else:  # the config's Literal makes this unreachable; kept as a guard for new methods
-            raise ConfigError(f"retrieve.methods: unknown method {method!r}")
-        timings[method] = round(time.perf_counter() - started, 2)
+    runs, timings = retrieve(name, cfg.methods, queries, cfg.depth, cfg, paths)
+    frames = []
+    for method, run_frame in runs.items():
         write_trec_run(run_frame, out / RUNS_FOLDER / f"{method}.trec", tag=method)
         frames.append(run_frame.assign(method=method, collection=name))
     candidates = pd.concat(frames, ignore_index=True)
@@ -41,7 +39,7 @@ def run(name: str, cfg: RetrieveConfig, paths: Paths) -> dict:
         "queries": queries["split"].value_counts().sort_index().to_dict(),
         "candidates": len(candidates),
         "methods": list(cfg.methods),
-        "seconds": timings,
+        "seconds": {method: timings[method] for method in runs},
     }
 
 

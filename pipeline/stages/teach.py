@@ -1,7 +1,13 @@
-"""teach: the LLM teacher ranks each query's candidates → ``teacher_rankings`` and ``metrics/teacher/<name>.json``.
+"""teach: the LLM teacher ranks each query's candidates → ``teacher_rankings``, ``teacher_windows``,
+``rationales`` and ``metrics/teacher/<name>.json``.
 
 Methods: ``listwise`` (RankGPT's sliding window), ``pointwise`` (yes/no or graded relevance from the first
-token's log-probabilities) and ``imported`` (rankings from a TREC run or rank_llm output). Every LLM call goes
+token's log-probabilities), ``rationales`` (Reason-to-Rank: windows ranked with a direct and a comparative reason
+for every passage, as JSON) and ``imported`` (rankings from a TREC run or rank_llm output).
+
+The queries are the collection's own (``teach.<name>.queries: collection``, candidates from ``retrieve``) or the
+synthesized ones (``synthetic``: ``paths.synthetic/<name>/queries.parquet``, candidates from the pool stage's
+``paths.pool/<name>/candidates.parquet``, shown in the pool's order). Every LLM call goes
 through the durable call cache (``paths.teacher_cache``): a re-run pays for nothing twice, a killed run loses at
 most the calls in flight, and a budget stops the stage cleanly with everything done so far kept.
 """
@@ -26,11 +32,13 @@ from pipeline.config import ConfigError, EndpointConfig, Params, Paths, Sampling
 from pipeline.io import read_table, write_json, write_table
 from pipeline.lucene import document_contents
 from pipeline.metrics import evaluate_run
+from pipeline.sources import in_split
 from pipeline.stages.common import split_queries
 from pipeline.teacher.cache import TeacherCache
 from pipeline.teacher.client import BudgetExceeded, CachedTeacher, result_from_record
 from pipeline.teacher.listwise import ListwiseResult, rerank_sliding_window, sliding_windows
 from pipeline.teacher.pointwise import graded_score, pointwise_messages, yes_no_score
+from pipeline.teacher.rationales import RationaleResult, rank_with_rationales, rationale_response_format
 from pipeline.teacher.templates import load_template
 
 TEACHER_METRICS_FOLDER = "teacher"
@@ -39,10 +47,12 @@ HEADLINE = "nDCG@10"
 
 @dataclasses.dataclass(frozen=True)
 class Pool:
-    """What the teacher sees: queries (query_id, text) and their top-``depth`` candidates with passage text."""
+    """What the teacher sees: queries (query_id, text; and source_doc_id for synthesized ones) and their
+    top-``depth`` candidates with passage text."""
 
     queries: pd.DataFrame
     candidates: pd.DataFrame  # query_id, doc_id, rank, passage
+    origin: str = "collection"  # "collection" or "synthetic" (TeachTarget.queries)
 
 
 def select_queries(queries: pd.DataFrame, max_queries: int | None, seed: int) -> pd.DataFrame:
@@ -59,14 +69,41 @@ def select_queries(queries: pd.DataFrame, max_queries: int | None, seed: int) ->
     return queries.sample(n=max_queries, random_state=seed).sort_values("query_id").reset_index(drop=True)
 
 
+def synthetic_queries(paths: Paths, name: str, split: str) -> pd.DataFrame:
+    """The synthesized queries of ``split`` (the synthesize stage's, e.g. "train" and "dev")."""
+    path = paths.synthetic_dir(name) / schemas.TABLES["synthetic_queries"].filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no synthesized queries (teach.{name}.queries is 'synthetic': run synthesize)")
+    queries = read_table(path)
+    selected = queries[in_split(queries["split"], split)]
+    if selected.empty:
+        known = sorted({s for joined in queries["split"] for s in joined.split(",")})
+        raise ConfigError(f"teach.{name}.split: no synthesized queries in split {split!r} (splits here: {known})")
+    return selected.reset_index(drop=True)
+
+
 def load_pool(name: str, target: TeachTarget, paths: Paths) -> Pool:
-    queries = split_queries(paths, name, target.split, f"teach.{name}.split")
+    """The queries and candidates of ``target``: the collection's queries with a ``retrieve`` method's run, or
+    the synthesized queries with their pool (``rank`` = the order the pool shows them in)."""
+    if target.queries == "synthetic":
+        queries = synthetic_queries(paths, name, target.split)
+        candidates_path = paths.pool_dir(name) / schemas.TABLES["pool_candidates"].filename
+        if not candidates_path.is_file():
+            raise FileNotFoundError(
+                f"{candidates_path}: no candidate pool (teach.{name}.queries is 'synthetic': run the pool stage)"
+            )
+    else:
+        queries = split_queries(paths, name, target.split, f"teach.{name}.split")
+        candidates_path = paths.retrieval_dir(name) / schemas.TABLES["candidates"].filename
     queries = select_queries(queries, target.max_queries, target.seed)
-    candidates = read_table(paths.retrieval_dir(name) / schemas.TABLES["candidates"].filename)
+    candidates = read_table(candidates_path)
     methods = sorted(candidates.method.unique())
     candidates = candidates[(candidates.method == target.candidates) & (candidates["rank"] <= target.depth)]
     if candidates.empty:
-        raise ConfigError(f"teach.{name}.candidates: no {target.candidates!r} candidates (methods here: {methods})")
+        raise ConfigError(
+            f"teach.{name}.candidates: no {target.candidates!r} candidates in {candidates_path} "
+            f"(methods here: {methods})"
+        )
     candidates = candidates[candidates.query_id.isin(set(queries.query_id))]
     corpus = read_table(paths.collection_dir(name) / schemas.TABLES["corpus"].filename)
     corpus = corpus[corpus.doc_id.isin(set(candidates.doc_id))]
@@ -75,7 +112,12 @@ def load_pool(name: str, target: TeachTarget, paths: Paths) -> Pool:
     )
     candidates = candidates.sort_values(["query_id", "rank"]).assign(passage=lambda c: c.doc_id.map(passages))
     queries = queries[queries.query_id.isin(set(candidates.query_id))].reset_index(drop=True)
-    return Pool(queries=queries[["query_id", "text"]], candidates=candidates[["query_id", "doc_id", "rank", "passage"]])
+    columns = ["query_id", "text"] + (["source_doc_id"] if target.queries == "synthetic" else [])
+    return Pool(
+        queries=queries[columns],
+        candidates=candidates[["query_id", "doc_id", "rank", "passage"]],
+        origin=target.queries,
+    )
 
 
 @contextlib.contextmanager
@@ -107,12 +149,27 @@ WINDOW_COLUMNS = [
 ]
 
 
+RATIONALE_COLUMNS = [
+    "query_id",
+    "doc_id",
+    "kind",
+    "text",
+    "answer_sentence",
+    "compared_doc_ids",
+    "window_rank",
+    "parse_status",
+    "call_key",
+]
+
+
 @dataclasses.dataclass
 class TeachOutcome:
     rankings: pd.DataFrame  # query_id, doc_id, teacher_rank, score
     stats: dict
     stopped: str | None = None  # why the teacher stopped early (budget), if it did
     windows: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=WINDOW_COLUMNS))
+    # rationale rows (method "rationales"; empty otherwise): RATIONALES' columns less model/template/run
+    rationales: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=RATIONALE_COLUMNS))
 
 
 def teach_listwise(pool: Pool, client: CachedTeacher, teacher: TeacherConfig) -> TeachOutcome:
@@ -248,6 +305,129 @@ def teach_pointwise(pool: Pool, client: CachedTeacher, teacher: TeacherConfig) -
     return TeachOutcome(frame, stats, stopped)
 
 
+def teach_rationales(pool: Pool, client: CachedTeacher, teacher: TeacherConfig) -> TeachOutcome:
+    """Reason-to-Rank: each query's candidates in windows (R2R: 5, not overlapping), each window ranked with a
+    direct and a comparative reason for every passage. With non-overlapping windows the final ranking is every
+    window's ranking, the windows concatenated in first-stage order (the teacher never compares passages of two
+    windows, so no cross-window order is invented). Queries run concurrently, the windows of one in turn.
+
+    The answer is constrained by a JSON schema (``response_format``) unless ``use_json_schema`` is off, and read
+    forgivingly anyway (json_repair); a window with nothing usable is asked again with a new seed.
+    """
+    cfg = teacher.rationales
+    template = load_template(cfg.template)
+    base = dataclasses.replace(teacher.sampling, max_tokens=cfg.max_tokens)
+
+    def ask(messages: list[dict[str, str]], n: int, attempt: int) -> tuple[str, str]:
+        sampling = base
+        if attempt:  # a retry after an unusable answer: sample, with a seed of its own (a new cache key)
+            seed = (teacher.sampling.seed or 0) + attempt
+            sampling = dataclasses.replace(base, temperature=cfg.retry_temperature, seed=seed)
+        response_format = rationale_response_format(n) if cfg.use_json_schema else None
+        result = client.complete(messages, sampling_override=sampling, response_format=response_format)
+        return result.text, result.key
+
+    groups = {qid: group for qid, group in pool.candidates.groupby("query_id", sort=False)}
+    texts = dict(zip(pool.queries.query_id, pool.queries.text, strict=True))
+    results: dict[str, RationaleResult] = {}
+    stopped: str | None = None
+    bar = tqdm(total=len(groups), desc="teacher (rationales)", unit=" queries")
+
+    def one(query_id: str) -> tuple[str, RationaleResult]:
+        passages = groups[query_id].passage.tolist()
+        return query_id, rank_with_rationales(
+            texts[query_id], passages, ask, cfg.window, cfg.step, cfg.max_words, template, cfg.parse_retries
+        )
+
+    with ThreadPoolExecutor(max_workers=client.endpoint.max_concurrency) as pool_executor:
+        futures = [pool_executor.submit(one, query_id) for query_id in groups]
+        for future in futures:
+            try:
+                query_id, result = future.result()
+            except BudgetExceeded as err:
+                stopped = stopped or str(err)
+                continue
+            results[query_id] = result
+            counters = client.counters
+            bar.set_postfix(calls=counters.calls, cached=counters.cached)
+            bar.update(1)
+    bar.close()
+
+    ranking_rows, rationale_rows, window_rows = [], [], []
+    for query_id, result in results.items():
+        doc_ids = groups[query_id].doc_id.tolist()
+        for teacher_rank, index in enumerate(result.order, start=1):
+            ranking_rows.append((query_id, doc_ids[index], teacher_rank, float("nan")))
+        for call in result.calls:
+            parsed = call.parsed
+            ranked = call.ranked()
+            window_docs = [doc_ids[index] for index, _, _ in ranked]  # the window, in the teacher's order
+            for index, window_rank, reasons in ranked:
+                if reasons is None:  # not explained: no rows (teacher_explained shows it with null reasons)
+                    continue
+                doc_id, others = doc_ids[index], [d for d in window_docs if d != doc_ids[index]]
+                common = (window_rank, parsed.status, call.key)
+                rationale_rows.append(
+                    (query_id, doc_id, "direct", reasons.direct_reason, reasons.answer_sentence, [], *common)
+                )
+                rationale_rows.append(
+                    (query_id, doc_id, "comparative", reasons.comparative_reason, None, others, *common)
+                )
+            window_rows.append(
+                (
+                    query_id,
+                    call.start,
+                    call.end,
+                    parsed.status,
+                    parsed.missing,
+                    parsed.duplicates,
+                    parsed.out_of_range,
+                    call.identity,
+                    call.attempts,
+                    call.response,
+                )
+            )
+    calls = [call for result in results.values() for call in result.calls]
+    parsed_all = [call.parsed for call in calls]
+    status, json_status = Counter(p.status for p in parsed_all), Counter(p.json_status for p in parsed_all)
+    explained = sum(len(p.rationales) for p in parsed_all)
+    stats = {
+        "windows": len(calls),
+        "parse": {
+            "ok": status["ok"],
+            "repaired": status["repaired"],
+            "failed": status["failed"],
+            "json_ok": json_status["ok"],
+            "json_repaired": json_status["repaired"],
+            "json_failed": json_status["failed"],
+            "missing_ids": sum(p.missing for p in parsed_all),
+            "duplicate_ids": sum(p.duplicates for p in parsed_all),
+            "out_of_range_ids": sum(p.out_of_range for p in parsed_all),
+            "ranking_from_passages": sum(p.ranking_from_passages for p in parsed_all),
+            "retried_windows": sum(c.attempts > 1 for c in calls),
+        },
+        "rationales": {
+            "passages_explained": explained,
+            "passages_unexplained": sum(p.missing_rationales for p in parsed_all),
+            "dropped_entries": sum(p.dropped_entries for p in parsed_all),
+            "missing_fields": sum(p.missing_fields for p in parsed_all),
+            "empty_reasons": sum(p.empty_reasons for p in parsed_all),
+            "answer_sentences": sum(p.answer_sentences for p in parsed_all),
+        },
+        "identity_windows": sum(c.identity for c in calls),
+        "identity_share": round(sum(c.identity for c in calls) / len(calls), 4) if calls else None,
+        "template": f"{template.name}@v{template.version}",
+        "json_schema": cfg.use_json_schema,
+    }
+    return TeachOutcome(
+        pd.DataFrame(ranking_rows, columns=["query_id", "doc_id", "teacher_rank", "score"]),
+        stats,
+        stopped,
+        pd.DataFrame(window_rows, columns=WINDOW_COLUMNS),
+        pd.DataFrame(rationale_rows, columns=RATIONALE_COLUMNS),
+    )
+
+
 def teach_imported(pool: Pool, teacher: TeacherConfig) -> TeachOutcome:
     """The imported rankings of the pool's queries (documents outside the pool are kept: they are labels)."""
     from pipeline.teacher.imported import import_rankings
@@ -278,6 +458,41 @@ def teacher_quality(name: str, paths: Paths, split: str, pool: Pool, rankings: p
     }
 
 
+def source_doc_quality(pool: Pool, rankings: pd.DataFrame) -> dict:
+    """For synthesized queries (no qrels): where the teacher puts each query's source document (the one it was
+    cropped from or generated for), next to where the first stage had it: mean reciprocal rank and share at rank
+    1, over the labelled queries with a source document (one outside the pool counts 0 for both). A sanity
+    figure, not a relevance measure: other documents may answer a query as well as its source does.
+
+    >>> pool = Pool(pd.DataFrame({"query_id": ["a", "b"], "text": ["", ""], "source_doc_id": ["d2", "d9"]}),
+    ...             pd.DataFrame({"query_id": ["a", "a", "b"], "doc_id": ["d1", "d2", "d1"], "rank": [1, 2, 1],
+    ...                           "passage": ["", "", ""]}), origin="synthetic")
+    >>> labels = pd.DataFrame({"query_id": ["a", "a", "b"], "doc_id": ["d2", "d1", "d1"], "teacher_rank": [1, 2, 1]})
+    >>> q = source_doc_quality(pool, labels)
+    >>> q["queries"], q["source_in_pool"], q["teacher_mrr"], q["first_stage_mrr"], q["teacher_at_1"]
+    (2, 0.5, 0.5, 0.25, 0.5)
+    """
+    queries = pool.queries.dropna(subset=["source_doc_id"])
+    queries = queries[queries.query_id.isin(set(rankings.query_id))]
+    if queries.empty:
+        return {}
+    source = dict(zip(queries.query_id, queries.source_doc_id, strict=True))
+
+    def ranks(frame: pd.DataFrame, column: str) -> pd.Series:
+        hits = frame[[source.get(q) == d for q, d in zip(frame.query_id, frame.doc_id, strict=True)]]
+        return hits.set_index("query_id")[column].reindex(list(source)).astype(float)
+
+    teacher_ranks, first_ranks = ranks(rankings, "teacher_rank"), ranks(pool.candidates, "rank")
+    return {
+        "queries": len(source),
+        "source_in_pool": round(float(first_ranks.notna().mean()), 4),
+        "teacher_mrr": round(float((1 / teacher_ranks).fillna(0).mean()), 4),
+        "first_stage_mrr": round(float((1 / first_ranks).fillna(0).mean()), 4),
+        "teacher_at_1": round(float((teacher_ranks == 1).mean()), 4),
+        "first_stage_at_1": round(float((first_ranks == 1).mean()), 4),
+    }
+
+
 def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, min_relevance: int = 1) -> dict:
     started = time.perf_counter()
     pool = load_pool(name, target, paths)
@@ -289,7 +504,11 @@ def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, mi
 
         model, template_hash = teacher.imported.name, file_hash(Path(str(teacher.imported.path)))
     else:
-        template_name = teacher.listwise.template if teacher.method == "listwise" else teacher.pointwise.template
+        template_name = {
+            "listwise": teacher.listwise.template,
+            "pointwise": teacher.pointwise.template,
+            "rationales": teacher.rationales.template,
+        }[teacher.method]
         template = load_template(template_name)
         with (
             teacher_endpoint(teacher, paths) as endpoint,
@@ -298,7 +517,9 @@ def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, mi
             client = CachedTeacher(
                 endpoint, teacher.sampling, cache, template.sha256, run_id=run_id, budget=teacher.budget
             )
-            method = teach_listwise if teacher.method == "listwise" else teach_pointwise
+            method = {"listwise": teach_listwise, "pointwise": teach_pointwise, "rationales": teach_rationales}[
+                teacher.method
+            ]
             outcome = method(pool, client, teacher)
             counters = client.counters
         model, template_hash = endpoint.model, template.sha256
@@ -319,6 +540,16 @@ def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, mi
     windows_spec = schemas.TABLES["teacher_windows"]
     windows = outcome.windows.assign(collection=name, run_id=run_id)
     write_table(windows, windows_spec.schema, paths.teacher_dir(name) / windows_spec.filename)
+    # Reason-to-Rank rationales (method "rationales"; empty for the others, so the table always exists)
+    rationales_spec = schemas.TABLES["rationales"]
+    rationales = outcome.rationales.assign(
+        collection=name,
+        window_rank=lambda r: r.window_rank.astype("Int32"),
+        model=model,
+        template_hash=template_hash,
+        run_id=run_id,
+    )
+    write_table(rationales, rationales_spec.schema, paths.teacher_dir(name) / rationales_spec.filename)
     wall = time.perf_counter() - started
     summary = {
         "collection": name,
@@ -329,9 +560,15 @@ def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, mi
         "queries": {"labelled": int(rankings.query_id.nunique()), "selected": len(pool.queries)},
         "stopped_early": outcome.stopped,
         "wall_seconds": round(wall, 1),
+        "queries_from": pool.origin,
         **outcome.stats,
-        "quality": teacher_quality(name, paths, target.split, pool, rankings, min_relevance),
+        # nDCG against qrels for the collection's queries; synthesized ones have no qrels (see source_doc)
+        "quality": teacher_quality(name, paths, target.split, pool, rankings, min_relevance)
+        if pool.origin == "collection"
+        else {},
     }
+    if pool.origin == "synthetic":
+        summary["source_doc"] = source_doc_quality(pool, rankings)
     if counters is not None:
         summary["calls"] = {
             "made": counters.calls,

@@ -253,25 +253,40 @@ class CachedTeacher:
         return text.replace(self._api_key, "<redacted>") if self._api_key != NO_KEY else text
 
     # -- calls ----------------------------------------------------------------------------------------------
-    def key(self, messages: Messages, sampling: SamplingConfig | None = None) -> str:
-        return call_key(self.endpoint.model, self.template_hash, messages, (sampling or self.sampling).as_dict())
+    def key(
+        self, messages: Messages, sampling: SamplingConfig | None = None, response_format: dict | None = None
+    ) -> str:
+        """The call's cache key. ``response_format`` (structured output) joins the keyed sampling parameters only
+        when given, so the keys of calls made without one are the same as before it existed."""
+        keyed = (sampling or self.sampling).as_dict()
+        if response_format is not None:
+            keyed = {**keyed, "response_format": response_format}
+        return call_key(self.endpoint.model, self.template_hash, messages, keyed)
 
-    def complete(self, messages: Messages, sampling_override: SamplingConfig | None = None) -> CallResult:
-        """The answer to ``messages``: from the cache if it holds it, else from the endpoint (then stored)."""
+    def complete(
+        self,
+        messages: Messages,
+        sampling_override: SamplingConfig | None = None,
+        response_format: dict | None = None,
+    ) -> CallResult:
+        """The answer to ``messages``: from the cache if it holds it, else from the endpoint (then stored).
+        ``response_format`` is passed to the endpoint as it is (e.g. ``{"type": "json_schema", ...}``)."""
         sampling = sampling_override or self.sampling
-        key = self.key(messages, sampling)
+        key = self.key(messages, sampling, response_format)
         record = self.cache.get(key)
         if record is not None:
             self._add(cached=1)
             return result_from_record(record, cached=True)
         self._reserve()
-        return self._call(key, messages, sampling)
+        return self._call(key, messages, sampling, response_format)
 
-    def _call(self, key: str, messages: Messages, sampling: SamplingConfig) -> CallResult:
+    def _call(
+        self, key: str, messages: Messages, sampling: SamplingConfig, response_format: dict | None = None
+    ) -> CallResult:
         """One call to the endpoint (already admitted by ``_reserve``), stored whatever its outcome."""
         settled = False
         try:
-            record, error = self._request(key, messages, sampling)
+            record, error = self._request(key, messages, sampling, response_format)
             self.cache.put(record)
             deltas = (
                 {"errors": 1}
@@ -297,14 +312,19 @@ class CachedTeacher:
             raise TeacherCallError(f"teacher call {key[:12]} failed: {record.error}", key=key, cause=error) from error
         return result_from_record(record, cached=False)
 
-    def _request(self, key: str, messages: Messages, sampling: SamplingConfig) -> tuple[CallRecord, Exception | None]:
+    def _request(
+        self, key: str, messages: Messages, sampling: SamplingConfig, response_format: dict | None = None
+    ) -> tuple[CallRecord, Exception | None]:
         """Make the call; its record (ok or error) and, for an error, the exception."""
-        request = {"messages": [dict(m) for m in messages], "sampling": sampling.as_dict()}
+        request: dict[str, Any] = {"messages": [dict(m) for m in messages], "sampling": sampling.as_dict()}
+        extra: dict[str, Any] = {}
+        if response_format is not None:
+            request["response_format"] = extra["response_format"] = response_format
         common = {"key": key, "model": self.endpoint.model, "template_hash": self.template_hash, "request": request}
         started = time.perf_counter()
         try:
             reply = self._client.chat.completions.create(
-                model=self.endpoint.model, messages=request["messages"], **sampling.request_kwargs()
+                model=self.endpoint.model, messages=request["messages"], **sampling.request_kwargs(), **extra
             )
             completion = _check_reply(reply)
         except Exception as err:  # the openai client's errors, and the JSON/Unicode errors of a broken body
@@ -344,6 +364,7 @@ class CachedTeacher:
         sampling_override: SamplingConfig | None = None,
         max_errors: int = 10,
         desc: str = "teacher",
+        response_format: dict | None = None,
     ) -> list[CallResult]:
         """The answers to ``batch``, in order, with up to ``endpoint.max_concurrency`` calls at once.
 
@@ -354,7 +375,7 @@ class CachedTeacher:
         flight finish (and be stored), then is raised.
         """
         sampling = sampling_override or self.sampling
-        keys = [self.key(messages, sampling) for messages in batch]
+        keys = [self.key(messages, sampling, response_format) for messages in batch]
         results: list[CallResult | None] = [None] * len(batch)
         to_call: dict[str, list[int]] = {}  # key -> its positions in the batch (the first one is called)
         for index, key in enumerate(keys):
@@ -387,7 +408,7 @@ class CachedTeacher:
                             stop = err
                             break
                         key, positions = item
-                        running[pool.submit(self._call, key, batch[positions[0]], sampling)] = key
+                        running[pool.submit(self._call, key, batch[positions[0]], sampling, response_format)] = key
                     if not running:
                         break
                     done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)

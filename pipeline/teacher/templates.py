@@ -5,8 +5,8 @@ template's ``version`` says when its meaning changed on purpose, and its ``sha25
 when anything changed at all, a stray space included. Both go into the cache key, so editing a template never
 serves answers that were given to the old wording.
 
-A template file holds ``name`` (its file stem), ``version`` (an integer), ``kind`` (``listwise`` or
-``pointwise``: which parts it must have), an optional ``description`` and ``parts``: the message texts, with
+A template file holds ``name`` (its file stem), ``version`` (an integer), ``kind`` (``listwise``, ``pointwise``
+or ``generation``: which parts it must have), an optional ``description`` and ``parts``: the message texts, with
 ``str.format`` placeholders drawn from a fixed set (``{num}``, ``{query}``, ``{i}``, ``{passage}``), checked
 at load time so that a misspelt placeholder fails when the template is read, not half-way through a run.
 """
@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal, cast
 
-TemplateKind = Literal["listwise", "pointwise"]
+TemplateKind = Literal["listwise", "pointwise", "generation"]
 
 SUFFIX = ".json"
 SHORT_HASH_CHARS = 12
@@ -31,6 +31,7 @@ PLACEHOLDERS = frozenset({"num", "query", "i", "passage"})
 REQUIRED_PARTS: dict[str, tuple[str, ...]] = {
     "listwise": ("system", "prefix_user", "prefix_assistant", "passage_user", "passage_assistant", "final_user"),
     "pointwise": ("system", "user"),
+    "generation": ("system", "user"),
 }
 
 

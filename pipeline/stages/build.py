@@ -1,0 +1,139 @@
+"""build: teacher rankings → training examples (``<paths.training>/<target>/examples.parquet``).
+
+One group per query: its candidates with the query and passage texts, the teacher's rank and score, and
+TWOLAR's target ``1 / (teacher_rank + 1)``. Each query is in the ``train`` or the ``dev`` split: synthesized
+queries keep the ``dev`` split the synthesize stage gave them; otherwise a seeded ``build.dev_fraction`` of the
+queries is held out (at least one when there are two or more queries), so that training can be validated.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pandas as pd
+
+from pipeline import schemas
+from pipeline.config import BuildConfig, ConfigError, Params, Paths, TeachTarget
+from pipeline.io import read_table, write_table
+from pipeline.lucene import document_contents
+
+
+class NoTeacherLabels(FileNotFoundError):
+    """The teacher's rankings are missing or empty: the teach stage has to run (or label something) first."""
+
+
+def twolar_target(teacher_rank: pd.Series | np.ndarray) -> np.ndarray:
+    """TWOLAR's target: ``1 / (teacher_rank + 1)`` (rank 1 → 0.5).
+
+    >>> twolar_target(np.array([1, 2, 3])).round(4).tolist()
+    [0.5, 0.3333, 0.25]
+    """
+    return 1.0 / (np.asarray(teacher_rank, dtype=np.float64) + 1.0)
+
+
+def held_out(query_ids: list[str], fraction: float, seed: int) -> set[str]:
+    """A seeded ``fraction`` of the queries (at least one when there are two or more and fraction > 0).
+
+    >>> ids = [str(i) for i in range(20)]
+    >>> held_out(ids, 0.1, seed=0) == held_out(ids, 0.1, seed=0)
+    True
+    >>> len(held_out(ids, 0.1, 0)), len(held_out(["a", "b"], 0.1, 0)), held_out(["a"], 0.5, 0)
+    (2, 1, set())
+    """
+    ids = sorted(set(query_ids))
+    if len(ids) < 2 or fraction <= 0:
+        return set()
+    count = min(max(1, round(fraction * len(ids))), len(ids) - 1)
+    rng = np.random.default_rng(seed)
+    return set(rng.choice(np.array(ids, dtype=object), size=count, replace=False).tolist())
+
+
+def read_query_texts(name: str, target: TeachTarget, paths: Paths) -> pd.DataFrame:
+    """The queries the teacher labelled (query_id, text, split), from the collection or the synthesized set."""
+    if target.queries == "synthetic":
+        path = paths.synthetic_dir(name) / schemas.TABLES["synthetic_queries"].filename
+    else:
+        path = paths.collection_dir(name) / schemas.TABLES["queries"].filename
+    return read_table(path)[["query_id", "text", "split"]]
+
+
+def build_examples(
+    name: str,
+    rankings: pd.DataFrame,
+    queries: pd.DataFrame,
+    corpus: pd.DataFrame,
+    cfg: BuildConfig,
+    keep_dev_split: bool,
+) -> tuple[pd.DataFrame, int]:
+    """The training examples (TRAINING_EXAMPLES columns) and the number of ranked documents dropped because the
+    corpus or the queries lack them. ``keep_dev_split``: queries whose split is "dev" form the dev split."""
+    texts = queries.drop_duplicates("query_id").set_index("query_id")
+    corpus = corpus[corpus.doc_id.isin(set(rankings.doc_id))]
+    passages = pd.Series(
+        [document_contents(t, x) for t, x in zip(corpus.title, corpus.text, strict=True)], index=corpus.doc_id
+    )
+    frame = rankings.assign(query=rankings.query_id.map(texts["text"]), passage=rankings.doc_id.map(passages))
+    known = frame["query"].notna() & frame.passage.notna()
+    dropped = int((~known).sum())
+    frame = frame[known]
+    if keep_dev_split and (texts["split"] == "dev").any():
+        dev = set(texts.index[texts["split"] == "dev"])
+    else:
+        dev = held_out(frame.query_id.unique().tolist(), cfg.dev_fraction, cfg.seed)
+    frame = frame.sort_values(["query_id", "teacher_rank"], kind="stable").assign(
+        collection=name,
+        target=lambda f: twolar_target(f.teacher_rank),
+        teacher_score=lambda f: f.score.astype("float64"),
+        split=lambda f: np.where(f.query_id.isin(dev), "dev", "train"),
+    )
+    return frame.reset_index(drop=True), dropped
+
+
+def run(name: str, target: TeachTarget, cfg: BuildConfig, paths: Paths) -> dict:
+    rankings_path = paths.teacher_dir(name) / schemas.TABLES["teacher_rankings"].filename
+    if not rankings_path.is_file():
+        raise NoTeacherLabels(f"{rankings_path}: no teacher rankings (run `distillrank stage teach {name}` first)")
+    rankings = read_table(rankings_path)
+    if rankings.empty:
+        raise NoTeacherLabels(f"{rankings_path}: the teacher ranked nothing (re-run teach; check its budget)")
+    queries = read_query_texts(name, target, paths)
+    corpus = read_table(paths.collection_dir(name) / schemas.TABLES["corpus"].filename)
+    examples, dropped = build_examples(
+        name, rankings, queries, corpus, cfg, keep_dev_split=target.queries == "synthetic"
+    )
+    if examples.empty:
+        raise ConfigError(f"teach.{name}: none of the teacher's ranked documents/queries are in the collection")
+    spec = schemas.TABLES["training_examples"]
+    out = paths.training_dir(name) / spec.filename
+    write_table(examples, spec.schema, out)
+    by_split = examples.groupby("split")
+    return {
+        "target": name,
+        "queries_from": target.queries,
+        "groups": {split: int(g.query_id.nunique()) for split, g in by_split},
+        "pairs": {split: len(g) for split, g in by_split},
+        "mean_group_size": round(len(examples) / examples.query_id.nunique(), 2),
+        "dropped_pairs": dropped,
+        "teacher": sorted(
+            f"{m}/{t}" for m, t in rankings[["model", "method"]].drop_duplicates().itertuples(index=False)
+        ),
+        "output": str(out),
+    }
+
+
+def _body(params: Params, name: str | None) -> dict:
+    assert name is not None
+    if name not in params.teach:
+        raise ConfigError(f"teach.{name}: not a teach target in params.yaml (targets: {sorted(params.teach)})")
+    return run(name, params.teach[name], params.build, params.paths)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.stages.common import stage_main
+
+    return stage_main("build", argv, _body, per_collection=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
