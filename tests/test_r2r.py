@@ -210,10 +210,28 @@ def test_collator_scores_the_prompts_last_token(causal_backbone: Path) -> None:
     assert int(first) != r2r.IGNORE and int(batch["labels"][0, batch["rank_positions"][0]]) == r2r.IGNORE
 
 
+MISSING_SENTENCE = "a sentence the teacher made up"
+
+
+def answer_rationales() -> pd.DataFrame:
+    """make_examples' rationales with two answer sentences only: one in its passage (train query q0), one not
+    (dev query q4), so the teacher's answer support over all rationales is 0.5 (1.0 on train only, 0.0 on dev)."""
+    examples, rationales = make_examples()
+    rationales = rationales.assign(answer_sentence=None)
+    direct = rationales[rationales.kind == "direct"]
+    inside = direct[direct.query_id == "q0"].index[0]
+    outside = direct[direct.query_id == "q4"].index[0]
+    passage = examples.set_index("doc_id").passage.to_dict()[rationales.loc[inside, "doc_id"]]
+    rationales.loc[inside, "answer_sentence"] = passage[5:40].upper()  # case-insensitive match
+    rationales.loc[outside, "answer_sentence"] = MISSING_SENTENCE
+    return rationales
+
+
 @pytest.fixture(scope="module")
 def trained(causal_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, pd.DataFrame]:
     root = tmp_path_factory.mktemp("r2r-train")
-    examples, rationales = make_examples()
+    examples, _ = make_examples()
+    rationales = answer_rationales()
     summary, curve = r2r.train_r2r(
         "r2r-tiny", student_config(causal_backbone), examples, rationales, root / "student", root / "checkpoints"
     )
@@ -237,6 +255,59 @@ def test_train_r2r_writes_a_student_folder_and_a_curve(trained: tuple[Path, dict
     # the learned weights moved (their own learning rate), each within (0, 1)
     assert curve["weight_rank"].iloc[-1] != pytest.approx(start, abs=1e-4)
     assert all(0 < w < 1 for w in summary["final_weights"].values())
+
+
+def test_train_r2r_measures_reason_faithfulness(trained: tuple[Path, dict, pd.DataFrame]) -> None:
+    folder, summary, _ = trained
+    faith = summary["faithfulness"]
+    assert faith["passages"] == 6  # dev queries q4, q5: three passages with rationales each (the fourth has none)
+    for key in ("rouge_l_direct", "rouge_l_comparative"):
+        assert isinstance(faith[key], float) and 0.0 <= faith[key] <= 1.0, key
+    assert faith["teacher_answer_support"] == 0.5 and faith["teacher_answer_sentences"] == 2
+    examples = faith["examples"]
+    assert len(examples) == r2r.FAITHFULNESS_EXAMPLES
+    teacher = r2r.teacher_reasons(answer_rationales())
+    for example in examples:
+        key = (example["query_id"], example["doc_id"])
+        assert example["query_id"] in {"q4", "q5"}
+        assert example["teacher_direct"] == teacher[key]["direct"] and example["teacher_comparative"] == "above d9"
+        assert isinstance(example["student_direct"], str) and isinstance(example["student_comparative"], str)
+    json.dumps(summary, allow_nan=False)  # metrics/students/<name>.json must stay valid JSON
+    assert "Faithfulness on 6 dev passages" in (folder / "README.md").read_text()
+
+
+def test_faithfulness_is_capped_seeded_and_clips_examples(trained: tuple[Path, dict, pd.DataFrame]) -> None:
+    folder, _, _ = trained
+    student = load_student(folder, device="cpu")
+    examples, _ = make_examples()
+    rationales = answer_rationales()
+    first_dev = rationales.index[(rationales.query_id == "q4") & (rationales.kind == "direct")][0]
+    rationales.loc[first_dev, "text"] = "long " * 200  # 1000 characters
+    args = (student.model, student.encoder, examples, rationales, 4)
+    capped = r2r.measure_faithfulness(*args, seed=3, cap=2)
+    assert capped["passages"] == 2 and len(capped["examples"]) == 2
+    assert capped == r2r.measure_faithfulness(*args, seed=3, cap=2)
+    full = r2r.measure_faithfulness(*args, cap=24)
+    assert full["passages"] == 6
+    long_doc = rationales.loc[first_dev, "doc_id"]
+    clipped = [e for e in full["examples"] if (e["query_id"], e["doc_id"]) == ("q4", long_doc)]
+    assert len(clipped) == 1 and clipped[0]["teacher_direct"] == ("long " * 80)[: r2r.EXAMPLE_CHARS]
+
+
+def test_faithfulness_without_dev_rationales_is_null(
+    trained: tuple[Path, dict, pd.DataFrame], caplog: pytest.LogCaptureFixture
+) -> None:
+    folder, _, _ = trained
+    student = load_student(folder, device="cpu")
+    examples, _ = make_examples()
+    rationales = answer_rationales()
+    no_dev = rationales[~rationales.query_id.isin(["q4", "q5"])]
+    with caplog.at_level("WARNING", logger=r2r.__name__):
+        faith = r2r.measure_faithfulness(student.model, student.encoder, examples, no_dev, 4, name="tiny")
+    assert faith["passages"] == 0 and faith["examples"] == []
+    assert faith["rouge_l_direct"] is None and faith["rouge_l_comparative"] is None
+    assert faith["teacher_answer_support"] == 1.0 and faith["teacher_answer_sentences"] == 1  # only q0's is left
+    assert "no dev passage has teacher rationales" in caplog.text
 
 
 def test_training_resumes_from_the_last_checkpoint(causal_backbone: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import schemas
-from pipeline.config import DEFAULT_PARAMS_FILE, ConfigError, Params, Paths, load_params
+from pipeline.config import DEFAULT_PARAMS_FILE, ConfigError, EvaluationCollection, Params, Paths, load_params
 from pipeline.io import RunFormatError, read_table
 from pipeline.sources import CollectionError, in_split
 from pipeline.students.base import StudentLoadError
@@ -69,3 +69,12 @@ def split_queries(paths: Paths, name: str, split: str, parameter: str) -> pd.Dat
         known = sorted({s for joined in queries["split"] for s in joined.split(",")})
         raise ConfigError(f"{parameter}: no queries in split {split!r} of {name} (splits here: {known})")
     return selected.reset_index(drop=True)
+
+
+def evaluation_queries(paths: Paths, name: str, cfg: EvaluationCollection) -> pd.DataFrame:
+    """The queries a collection is evaluated on: its split, or a seeded sample of ``cfg.max_queries`` of it (the
+    same sample for every run, the students' reranking and the evaluation)."""
+    queries = split_queries(paths, name, cfg.split, f"evaluation.{name}.split")
+    if cfg.max_queries is not None and cfg.max_queries < len(queries):
+        queries = queries.sample(n=cfg.max_queries, random_state=cfg.seed).sort_values("query_id")
+    return queries.reset_index(drop=True)

@@ -25,7 +25,7 @@ from pipeline import schemas
 from pipeline.config import ConfigError, EvaluateConfig, EvaluationCollection, Params, Paths
 from pipeline.io import atomic_path, read_table, write_json, write_table, write_text
 from pipeline.metrics import evaluate_run
-from pipeline.stages.common import split_queries
+from pipeline.stages.common import evaluation_queries
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +205,10 @@ def run(
     metrics: dict[str, dict] = {}
     per_query_frames = []
     for name, evaluation_cfg in evaluation.items():
-        queries = split_queries(paths, name, evaluation_cfg.split, f"evaluation.{name}.split")
+        queries = evaluation_queries(paths, name, evaluation_cfg)
         qrels = read_table(paths.collection_dir(name) / schemas.TABLES["qrels"].filename)
-        qrels = qrels[qrels.split == evaluation_cfg.split]
         split_ids = set(queries["query_id"])
+        qrels = qrels[(qrels.split == evaluation_cfg.split) & qrels.query_id.isin(split_ids)]
         runs = collection_runs(paths, name, cfg.include_shipped_runs)
         if cfg.baseline not in runs:
             raise ConfigError(f"evaluate.baseline: run {cfg.baseline!r} is missing on {name} (runs: {sorted(runs)})")

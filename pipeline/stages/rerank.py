@@ -18,7 +18,7 @@ from pipeline.config import ConfigError, EvaluationCollection, Params, Paths, Re
 from pipeline.io import read_table, write_table, write_trec_run
 from pipeline.lucene import document_contents
 from pipeline.rerank import timed_rerank
-from pipeline.stages.common import split_queries
+from pipeline.stages.common import evaluation_queries
 from pipeline.students.base import Student, StudentLoadError, load_student
 
 SHIPPED_PREFIX = "shipped-"  # as in the evaluate stage
@@ -65,7 +65,7 @@ def run(
     frames = []
     summary: dict[str, dict] = {}
     for collection, evaluation_cfg in evaluation.items():
-        queries = split_queries(paths, collection, evaluation_cfg.split, f"evaluation.{collection}.split")
+        queries = evaluation_queries(paths, collection, evaluation_cfg)
         first_stage = cfg.first_stage_for(collection)
         parameter = (
             f"rerank.first_stage_per_collection.{collection}"

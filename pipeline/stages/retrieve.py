@@ -26,7 +26,8 @@ RUNS_FOLDER = "runs"
 def run(name: str, cfg: RetrieveConfig, paths: Paths) -> dict:
     queries = read_table(paths.collection_dir(name) / schemas.TABLES["queries"].filename)
     out = paths.retrieval_dir(name)
-    runs, timings = retrieve(name, cfg.methods, queries, cfg.depth, cfg, paths)
+    methods = cfg.methods_for(name)
+    runs, timings = retrieve(name, methods, queries, cfg.depth, cfg, paths)
     frames = []
     for method, run_frame in runs.items():
         write_trec_run(run_frame, out / RUNS_FOLDER / f"{method}.trec", tag=method)
@@ -38,7 +39,7 @@ def run(name: str, cfg: RetrieveConfig, paths: Paths) -> dict:
         "collection": name,
         "queries": queries["split"].value_counts().sort_index().to_dict(),
         "candidates": len(candidates),
-        "methods": list(cfg.methods),
+        "methods": list(methods),
         "seconds": {method: timings[method] for method in runs},
     }
 

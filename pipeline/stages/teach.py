@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
@@ -70,16 +71,36 @@ def select_queries(queries: pd.DataFrame, max_queries: int | None, seed: int) ->
 
 
 def synthetic_queries(paths: Paths, name: str, split: str) -> pd.DataFrame:
-    """The synthesized queries of ``split`` (the synthesize stage's, e.g. "train" and "dev")."""
+    """The synthesized queries of ``split`` (the synthesize stage's "train" and "dev"; "train,dev": both, so that
+    the dev queries the students are validated on have labels too)."""
     path = paths.synthetic_dir(name) / schemas.TABLES["synthetic_queries"].filename
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no synthesized queries (teach.{name}.queries is 'synthetic': run synthesize)")
     queries = read_table(path)
-    selected = queries[in_split(queries["split"], split)]
+    wanted = [part.strip() for part in split.split(",") if part.strip()]
+    selected = queries[np.logical_or.reduce([in_split(queries["split"], part) for part in wanted])]
     if selected.empty:
         known = sorted({s for joined in queries["split"] for s in joined.split(",")})
         raise ConfigError(f"teach.{name}.split: no synthesized queries in split {split!r} (splits here: {known})")
     return selected.reset_index(drop=True)
+
+
+SHIPPED_UNION = "shipped-union"
+
+
+def shipped_union(shipped: pd.DataFrame, depth: int) -> pd.DataFrame:
+    """The union of every shipped run's top ``depth`` per query, in reciprocal-rank-fusion order (k = 60), as
+    candidates of method ``shipped-union``: TWOLAR's pool of several first stages, for a collection that ships them.
+
+    >>> runs = pd.DataFrame({"run": ["a", "a", "b", "b"], "query_id": "q", "doc_id": ["d1", "d2", "d2", "d3"],
+    ...                      "rank": [1, 2, 1, 2], "score": 0.0})
+    >>> shipped_union(runs, depth=2)[["doc_id", "rank"]].values.tolist()
+    [['d2', 1], ['d1', 2], ['d3', 3]]
+    """
+    from pipeline.retrievers import rrf_fuse
+
+    runs = [frame[frame["rank"] <= depth] for _, frame in shipped.groupby("run", sort=True)]
+    return rrf_fuse(runs, k=60).assign(method=SHIPPED_UNION)
 
 
 def load_pool(name: str, target: TeachTarget, paths: Paths) -> Pool:
@@ -96,9 +117,15 @@ def load_pool(name: str, target: TeachTarget, paths: Paths) -> Pool:
         queries = split_queries(paths, name, target.split, f"teach.{name}.split")
         candidates_path = paths.retrieval_dir(name) / schemas.TABLES["candidates"].filename
     queries = select_queries(queries, target.max_queries, target.seed)
-    candidates = read_table(candidates_path)
+    if target.candidates == SHIPPED_UNION and target.queries == "collection":
+        candidates_path = paths.collection_dir(name) / schemas.TABLES["shipped_runs"].filename
+        candidates = shipped_union(read_table(candidates_path), target.depth)
+    else:
+        candidates = read_table(candidates_path)
     methods = sorted(candidates.method.unique())
-    candidates = candidates[(candidates.method == target.candidates) & (candidates["rank"] <= target.depth)]
+    # the shipped union is already cut at ``depth`` per run: its own size bounds it
+    within_depth = (candidates["rank"] <= target.depth) | (target.candidates == SHIPPED_UNION)
+    candidates = candidates[(candidates.method == target.candidates) & within_depth]
     if candidates.empty:
         raise ConfigError(
             f"teach.{name}.candidates: no {target.candidates!r} candidates in {candidates_path} "
@@ -436,7 +463,31 @@ def teach_imported(pool: Pool, teacher: TeacherConfig) -> TeachOutcome:
     rankings = import_rankings(teacher.imported.path, teacher.imported.format)
     covered = rankings[rankings.query_id.isin(set(pool.queries.query_id))]
     stats = {"queries_in_file": int(rankings.query_id.nunique()), "rows_in_file": len(rankings)}
+    if teacher.imported.scope == "pool":
+        covered = rank_within_pool(covered, pool.candidates)
+        stats["scope"] = "pool"
     return TeachOutcome(covered.reset_index(drop=True), stats)
+
+
+def rank_within_pool(rankings: pd.DataFrame, candidates: pd.DataFrame) -> pd.DataFrame:
+    """The imported ranking restricted to each query's candidates; candidates it did not rank come last, in
+    first-stage order (a reranker's output over the pool). Columns of ``rankings`` are kept; missing ones are
+    null-scored.
+
+    >>> r = pd.DataFrame({"query_id": "q", "doc_id": ["x", "b", "a"], "teacher_rank": [1, 2, 3], "score": [3., 2, 1]})
+    >>> c = pd.DataFrame({"query_id": "q", "doc_id": ["a", "b", "c"], "rank": [1, 2, 3]})
+    >>> rank_within_pool(r, c)[["doc_id", "teacher_rank"]].values.tolist()
+    [['b', 1], ['a', 2], ['c', 3]]
+    """
+    merged = candidates[["query_id", "doc_id", "rank"]].merge(
+        rankings.drop(columns=["rank"], errors="ignore"), on=["query_id", "doc_id"], how="left"
+    )
+    unranked = merged["teacher_rank"].isna()
+    merged = merged.assign(_unranked=unranked).sort_values(
+        ["query_id", "_unranked", "teacher_rank", "rank"], kind="stable"
+    )
+    merged["teacher_rank"] = merged.groupby("query_id", sort=False).cumcount() + 1
+    return merged.drop(columns=["rank", "_unranked"]).reset_index(drop=True)
 
 
 def teacher_quality(name: str, paths: Paths, split: str, pool: Pool, rankings: pd.DataFrame, min_rel: int) -> dict:

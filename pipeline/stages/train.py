@@ -18,9 +18,8 @@ import pandas as pd
 
 from pipeline import schemas
 from pipeline.config import ConfigError, Params, Paths, StudentConfig
-from pipeline.io import read_table
+from pipeline.io import atomic_folder, read_table
 from pipeline.students.training import (
-    atomic_folder,
     finish_student_folder,
     train_ranking,
     write_curve,

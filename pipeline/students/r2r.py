@@ -40,6 +40,11 @@ at every step (``weight_rank``, ``weight_pointwise``, ``weight_generation`` in t
 Training uses the ``transformers`` Trainer (custom ``compute_loss``, seeded, gradient accumulation, LR schedule,
 checkpoints every ``eval_every`` steps, resumption from the last checkpoint, bf16 on CUDA) and keeps the
 checkpoint with the best dev nDCG@10 against the teacher's ranking.
+
+**Faithfulness.** With the best checkpoint loaded, ``measure_faithfulness`` has the student generate its reasons
+(greedy, as ``explain``) for at most ``FAITHFULNESS_PASSAGES`` (24, a seeded choice) dev passages with teacher
+rationales, and compares them with the teacher's by ROUGE-L F1; it also measures how often the teacher's answer
+sentences really occur in their passage. The result is the summary's ``faithfulness`` entry.
 """
 
 from __future__ import annotations
@@ -76,6 +81,12 @@ LOSS_WEIGHT_LR = 1e-2  # the learned loss weights' own learning rate (Adam: abou
 MAX_QUERY_TOKENS = 64  # a query longer than this is cut, so that the passage keeps most of max_length
 IGNORE = -100  # label of tokens without a loss (the transformers convention)
 MEASURE = "nDCG@10"
+# Faithfulness check at the end of train_r2r: the student generates reasons for at most this many dev passages
+# with teacher rationales (a seeded choice). Greedy generation costs up to max_reason_tokens decoder steps per
+# passage, so the cap bounds the check (3 batches of 8 prompts) on CPU whatever the dev split's size.
+FAITHFULNESS_PASSAGES = 24
+FAITHFULNESS_EXAMPLES = 3  # generated/teacher reason pairs kept in the summary, for the report to quote
+EXAMPLE_CHARS = 400  # each example text is kept whole up to this many characters
 
 
 class R2RError(ValueError):
@@ -453,16 +464,17 @@ class Group:
     reasons: tuple[str | None, ...]
 
 
-def reason_targets(rationales: pd.DataFrame | None) -> dict[tuple[str, str], str]:
-    """(query_id, doc_id) → the ``Direct: … Comparative: …`` target, from the RATIONALES table. Failed parses
-    and empty texts are skipped; when overlapping windows gave a passage several reasons of a kind, the one from
-    the window where it ranked highest (lowest window_rank) is kept.
+def teacher_reasons(rationales: pd.DataFrame | None) -> dict[tuple[str, str], dict[str, str]]:
+    """(query_id, doc_id) → the teacher's reasons by kind (``{"direct": …, "comparative": …}``, only the kinds
+    present), from the RATIONALES table. Failed parses and empty texts are skipped; when overlapping windows gave
+    a passage several reasons of a kind, the one from the window where it ranked highest (lowest window_rank) is
+    kept.
 
-    >>> frame = pd.DataFrame({"query_id": ["q", "q", "q"], "doc_id": ["d", "d", "e"],
-    ...     "kind": ["direct", "comparative", "direct"], "text": ["on topic", "above e", ""],
-    ...     "parse_status": ["ok", "ok", "ok"], "window_rank": [1, 1, 2]})
-    >>> reason_targets(frame)
-    {('q', 'd'): 'Direct: on topic Comparative: above e'}
+    >>> frame = pd.DataFrame({"query_id": ["q", "q", "q", "q"], "doc_id": ["d", "d", "e", "d"],
+    ...     "kind": ["direct", "comparative", "direct", "direct"], "text": ["on topic", "above e", "", "later"],
+    ...     "parse_status": ["ok", "ok", "ok", "ok"], "window_rank": [1, 1, 2, 3]})
+    >>> teacher_reasons(frame)
+    {('q', 'd'): {'direct': 'on topic', 'comparative': 'above e'}}
     """
     if rationales is None or rationales.empty:
         return {}
@@ -475,9 +487,22 @@ def reason_targets(rationales: pd.DataFrame | None) -> dict[tuple[str, str], str
     first = frame.drop_duplicates(["query_id", "doc_id", "kind"])
     texts: dict[tuple[str, str], dict[str, str]] = {}
     for q, d, kind, text in zip(first.query_id, first.doc_id, first.kind, first.text, strict=True):
-        texts.setdefault((str(q), str(d)), {})[kind] = text
+        texts.setdefault((str(q), str(d)), {})[str(kind)] = str(text).strip()
+    return texts
+
+
+def reason_targets(rationales: pd.DataFrame | None) -> dict[tuple[str, str], str]:
+    """(query_id, doc_id) → the ``Direct: … Comparative: …`` target, from the RATIONALES table (the reasons of
+    ``teacher_reasons``).
+
+    >>> frame = pd.DataFrame({"query_id": ["q", "q", "q"], "doc_id": ["d", "d", "e"],
+    ...     "kind": ["direct", "comparative", "direct"], "text": ["on topic", "above e", ""],
+    ...     "parse_status": ["ok", "ok", "ok"], "window_rank": [1, 1, 2]})
+    >>> reason_targets(frame)
+    {('q', 'd'): 'Direct: on topic Comparative: above e'}
+    """
     out = {}
-    for key, kinds in texts.items():
+    for key, kinds in teacher_reasons(rationales).items():
         target = reason_text(kinds.get("direct"), kinds.get("comparative"))
         if target:
             out[key] = target
@@ -653,12 +678,16 @@ def dev_ndcg(model: R2RModel, encoder: PromptEncoder, groups: list[Group], batch
 def generate_reasons(
     model: R2RModel,
     encoder: PromptEncoder,
-    query: str,
+    query: str | Sequence[str],
     passages: Sequence[str],
     max_new_tokens: int,
     batch_size: int = 8,
 ) -> list[dict[str, str]]:
-    """Greedy generation of each passage's reasons after its prompt."""
+    """Greedy generation of each passage's reasons after its prompt. ``query``: one query for all passages, or
+    one per passage (batches then mix queries, e.g. for the faithfulness sample)."""
+    queries = [query] * len(passages) if isinstance(query, str) else list(query)
+    if len(queries) != len(passages):
+        raise ValueError(f"{len(queries)} queries for {len(passages)} passages")
     tok = encoder.tokenizer
     device = next(model.parameters()).device
     backbone = model.backbone
@@ -668,7 +697,8 @@ def generate_reasons(
     try:
         with torch.inference_mode(), _autocast(device):
             for start in range(0, len(passages), batch_size):
-                rows = [encoder.prompt(query, p) for p in passages[start : start + batch_size]]
+                batch = slice(start, start + batch_size)
+                rows = [encoder.prompt(q, p) for q, p in zip(queries[batch], passages[batch], strict=True)]
                 width = max(len(r) for r in rows)
                 if encoder.architecture == "causal":  # left padding, so every row continues right after its prompt
                     ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
@@ -692,6 +722,131 @@ def generate_reasons(
     finally:
         model.train(was_training)
     return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Faithfulness of the student's reasons to the teacher's
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def faithfulness_sample(keys: Sequence[tuple[str, str]], cap: int, seed: int) -> list[tuple[str, str]]:
+    """A seeded choice of at most ``cap`` distinct (query_id, doc_id) keys, in sorted order (so that the choice
+    depends on the set of keys and the seed only, not on their order).
+
+    >>> faithfulness_sample([("q2", "b"), ("q1", "a"), ("q2", "b")], cap=5, seed=0)
+    [('q1', 'a'), ('q2', 'b')]
+    >>> keys = [("q", f"d{i:02d}") for i in range(30)]
+    >>> chosen = faithfulness_sample(keys, cap=24, seed=1)
+    >>> len(chosen), chosen == sorted(chosen), chosen == faithfulness_sample(keys[::-1], cap=24, seed=1)
+    (24, True, True)
+    """
+    ordered = sorted(set(keys))
+    if len(ordered) <= cap:
+        return ordered
+    index = np.random.default_rng(seed).choice(len(ordered), size=cap, replace=False)
+    return [ordered[i] for i in sorted(index)]
+
+
+def teacher_answer_support(rationales: pd.DataFrame | None, passages: dict[str, str]) -> tuple[float, int]:
+    """(share of the teacher's answer sentences that occur in their passage, number of sentences measured).
+
+    ``passages`` maps doc_id to passage text (one labels target is one collection, so doc ids are unique).
+    Failed parses are skipped; a sentence repeated for the same passage (overlapping windows) counts once;
+    sentences whose passage is unknown are left out (and logged). NaN when there is no sentence.
+
+    >>> frame = pd.DataFrame({"query_id": ["q", "q", "q", "q"], "doc_id": ["d1", "d1", "d2", "d3"],
+    ...     "answer_sentence": ["Bees dance.", "bees  DANCE.", "Lava flows.", None]})
+    >>> teacher_answer_support(frame, {"d1": "Bees dance. They fly.", "d2": "Volcanoes erupt.", "d3": "x"})
+    (0.5, 2)
+    """
+    if rationales is None or rationales.empty or "answer_sentence" not in rationales:
+        return float("nan"), 0
+    frame = rationales
+    if "parse_status" in frame:
+        frame = frame[frame["parse_status"] != "failed"]
+    frame = frame[frame["answer_sentence"].fillna("").str.strip() != ""]
+    sentences = {
+        (str(q), str(d), _normalise(str(a)))
+        for q, d, a in zip(frame.query_id, frame.doc_id, frame.answer_sentence, strict=True)
+    }
+    known = sorted(s for s in sentences if s[1] in passages)
+    if len(known) < len(sentences):
+        log.warning("%d teacher answer sentences have no passage in the examples", len(sentences) - len(known))
+    if not known:
+        return float("nan"), 0
+    rate = answer_support_rate([a for _, _, a in known], [passages[d] for _, d, _ in known])
+    return rate, len(known)
+
+
+def _round(value: float) -> float | None:
+    """JSON-safe rounding: NaN (no pairs to measure) becomes None (null)."""
+    return None if value is None or math.isnan(value) else round(float(value), 4)
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= EXAMPLE_CHARS else text[:EXAMPLE_CHARS]
+
+
+def measure_faithfulness(
+    model: R2RModel,
+    encoder: PromptEncoder,
+    examples: pd.DataFrame,
+    rationales: pd.DataFrame | None,
+    max_new_tokens: int,
+    seed: int = 0,
+    cap: int = FAITHFULNESS_PASSAGES,
+    name: str = "r2r",
+) -> dict[str, Any]:
+    """How close the student's reasons are to the teacher's, on dev passages with teacher rationales.
+
+    At most ``cap`` passages (``faithfulness_sample``) get greedy reasons (``generate_reasons``, as ``explain``);
+    ``rouge_l_direct`` / ``rouge_l_comparative`` are the mean ROUGE-L F1 against the teacher's reason of that
+    kind (over the passages that have one). ``teacher_answer_support`` is measured over all ``rationales``.
+    Scores are rounded to 4 decimals; None where there is nothing to measure.
+    """
+    passages_by_doc = {str(d): str(p) for d, p in zip(examples["doc_id"], examples["passage"], strict=True)}
+    support, sentences = teacher_answer_support(rationales, passages_by_doc)
+    teacher = teacher_reasons(rationales)
+    dev = examples[examples["split"] == "dev"].drop_duplicates(["query_id", "doc_id"])
+    rows = {
+        (str(q), str(d)): (str(query), str(passage))
+        for q, d, query, passage in zip(dev.query_id, dev.doc_id, dev["query"], dev.passage, strict=True)
+        if (str(q), str(d)) in teacher
+    }
+    chosen = faithfulness_sample(list(rows), cap, seed)
+    result: dict[str, Any] = {
+        "passages": len(chosen),
+        "rouge_l_direct": None,
+        "rouge_l_comparative": None,
+        "teacher_answer_support": _round(support),
+        "teacher_answer_sentences": sentences,
+        "examples": [],
+    }
+    if not chosen:
+        log.warning("students.%s: no dev passage has teacher rationales; reason faithfulness is not measured", name)
+        return result
+    # one batched call over all queries: the sample spreads over many dev queries with one or two passages each
+    reasons = generate_reasons(
+        model, encoder, [rows[k][0] for k in chosen], [rows[k][1] for k in chosen], max_new_tokens
+    )
+    generated = dict(zip(chosen, reasons, strict=True))
+    for kind in ("direct", "comparative"):
+        pairs = [(generated[k][kind], teacher[k][kind]) for k in chosen if teacher[k].get(kind)]
+        if pairs:
+            result[f"rouge_l_{kind}"] = _round(mean_rouge_l([g for g, _ in pairs], [t for _, t in pairs]))
+    result["examples"] = [
+        {
+            "query_id": k[0],
+            "doc_id": k[1],
+            "query": _clip(rows[k][0]),
+            "student_direct": _clip(generated[k]["direct"]),
+            "student_comparative": _clip(generated[k]["comparative"]),
+            "teacher_direct": _clip(teacher[k].get("direct", "")),
+            "teacher_comparative": _clip(teacher[k].get("comparative", "")),
+        }
+        for k in chosen[:FAITHFULNESS_EXAMPLES]
+    ]
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -901,6 +1056,7 @@ def curve_from_log(log_history: list[dict]) -> pd.DataFrame:
 def model_card(name: str, info: dict, summary: dict) -> str:
     """The README.md of a trained R2R student."""
     weights = ", ".join(f"{k} {v:.3f}" for k, v in summary.get("final_weights", {}).items())
+    faith = summary.get("faithfulness") or {}
     return f"""---
 library_name: transformers
 tags: [reranking, reason-to-rank, distillrank]
@@ -919,6 +1075,8 @@ and to explain each ranking decision (Reason-to-Rank, arXiv 2410.05168).
 - Trained for {summary.get("steps")} optimizer steps on {summary.get("train_queries")} queries
   ({summary.get("passages_with_reasons")} of {summary.get("train_passages")} passages with reasons);
   dev nDCG@10 against the teacher's ranking: {summary.get("dev_ndcg@10")}.
+- Faithfulness on {faith.get("passages", 0)} dev passages with teacher reasons: ROUGE-L F1 against the teacher's
+  direct reasons {faith.get("rouge_l_direct")}, comparative reasons {faith.get("rouge_l_comparative")}.
 
 Load it with `pipeline.students.base.load_student("{name}")`; `distillrank explain --model <folder> ...` prints the
 reranking with its reasons.
@@ -975,6 +1133,10 @@ def train_r2r(
         log.info("students.%s: resuming from %s", name, resume)
     trainer.train(resume_from_checkpoint=resume)
     final_ndcg = dev_ndcg(model, encoder, dev_groups)
+    # the best checkpoint is loaded (load_best_model_at_end): its reasons are the ones the saved student gives
+    faithfulness = measure_faithfulness(
+        model, encoder, examples, rationales, r2r.max_reason_tokens, seed=cfg.seed, name=name
+    )
     curve = curve_from_log(trainer.state.log_history)
     weights = model.weights().detach().float().cpu().tolist()
     info = {
@@ -1004,6 +1166,7 @@ def train_r2r(
         "dev_ndcg@10": final_ndcg,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "final_weights": dict(zip(WEIGHT_NAMES, weights, strict=True)),
+        "faithfulness": faithfulness,
         "out_dir": str(out_dir),
     }
     save_r2r_model(model, tokenizer, Path(out_dir), info, model_card(name, info, summary))

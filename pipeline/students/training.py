@@ -16,12 +16,10 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 import time
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,22 +179,6 @@ def prepare_checkpoints(checkpoint_dir: Path, config: dict[str, Any]) -> Path | 
 
 
 # -- outputs ------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_folder(dest: Path) -> Iterator[Path]:
-    """A temporary folder beside ``dest`` that replaces ``dest`` only if the block succeeds."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def curve_from_log_history(log_history: Sequence[dict[str, Any]]) -> pd.DataFrame:
