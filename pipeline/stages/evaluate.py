@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import pandas as pd
@@ -47,14 +48,18 @@ def collection_runs(paths: Paths, name: str, include_shipped: bool) -> dict[str,
     return runs
 
 
-def student_runs(paths: Paths, name: str) -> dict[str, pd.DataFrame]:
-    """Every student's reranked run of collection ``name`` under ``paths.reranked``: student name → run.
+def student_runs(paths: Paths, name: str, students: Collection[str] | None = None) -> dict[str, pd.DataFrame]:
+    """Every student's reranked run of collection ``name`` under ``paths.reranked``: student name → run; only
+    the students named in ``students`` when given (a folder left by a student since removed from params is
+    not one of today's runs).
 
     No ``paths.reranked`` folder, or no student that reranked ``name``: an empty mapping.
     """
     spec = schemas.TABLES["reranked"]
     runs: dict[str, pd.DataFrame] = {}
     for path in sorted(Path(paths.reranked).glob(f"*/{spec.filename}")):
+        if students is not None and path.parent.name not in students:
+            continue
         table = read_table(path)
         for student, frame in table[table.collection == name].groupby("student", sort=True):
             if student in runs:
@@ -83,11 +88,14 @@ def teacher_run(paths: Paths, name: str, split_ids: set[str]) -> pd.DataFrame | 
     )
 
 
-def student_fidelity(paths: Paths) -> dict[str, dict]:
-    """The fidelity figures the train stage wrote to ``metrics/students/<name>.json``, by student name."""
+def student_fidelity(paths: Paths, students: Collection[str] | None = None) -> dict[str, dict]:
+    """The fidelity figures the train stage wrote to ``metrics/students/<name>.json``, by student name (only
+    ``students`` when given)."""
     folder = Path(paths.metrics) / STUDENT_METRICS_FOLDER
     figures = {}
     for path in sorted(folder.glob("*.json")):
+        if students is not None and path.stem not in students:
+            continue
         try:
             figures[path.stem] = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
@@ -201,7 +209,9 @@ def run(
     min_relevance: dict[str, int],
     cfg: EvaluateConfig,
     paths: Paths,
+    students: Collection[str] | None = None,
 ) -> dict:
+    """Measure every run; ``students``: the student names of params (None: every reranked folder found)."""
     metrics: dict[str, dict] = {}
     per_query_frames = []
     for name, evaluation_cfg in evaluation.items():
@@ -212,7 +222,7 @@ def run(
         runs = collection_runs(paths, name, cfg.include_shipped_runs)
         if cfg.baseline not in runs:
             raise ConfigError(f"evaluate.baseline: run {cfg.baseline!r} is missing on {name} (runs: {sorted(runs)})")
-        for student, frame in student_runs(paths, name).items():
+        for student, frame in student_runs(paths, name, students).items():
             if student in runs or student == TEACHER_RUN:
                 raise ConfigError(f"students.{student}: the name is taken by another run on {name}; rename it")
             runs[student] = frame
@@ -236,7 +246,7 @@ def run(
     for name in evaluation:
         mine = per_query[per_query.collection == name]
         metrics[name]["vs_" + cfg.baseline] = compare_to_baseline(mine, cfg.baseline, headline)
-    fidelity = student_fidelity(paths)
+    fidelity = student_fidelity(paths, students)
     if fidelity:
         if "students" in evaluation:
             log.warning("eval.json: a collection named 'students' is shadowed by the students' fidelity figures")
@@ -256,7 +266,7 @@ def run(
 
 def _body(params: Params, name: str | None) -> dict:
     min_relevance = {n: params.collection(n).min_relevance for n in params.evaluation}
-    return run(params.evaluation, min_relevance, params.evaluate, params.paths)
+    return run(params.evaluation, min_relevance, params.evaluate, params.paths, students=list(params.students))
 
 
 def main(argv: list[str] | None = None) -> int:

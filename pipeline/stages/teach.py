@@ -547,6 +547,8 @@ def source_doc_quality(pool: Pool, rankings: pd.DataFrame) -> dict:
 def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, min_relevance: int = 1) -> dict:
     started = time.perf_counter()
     pool = load_pool(name, target, paths)
+    # the cache folder is a DVC output: it exists even when imported labels make no call
+    paths.teacher_cache_dir(name).mkdir(parents=True, exist_ok=True)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     counters = None
     if teacher.method == "imported":
