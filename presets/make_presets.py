@@ -71,25 +71,26 @@ r2r = {
     "queries_per_batch": 1,
     "gradient_accumulation": 1,
     "epochs": 1.0,
-    "max_steps": 24,
+    "max_steps": 12,
     "learning_rate": 1.0e-4,
     "weight_decay": 0.0,
     "warmup_ratio": 0.1,
     "scheduler": "linear",
-    "eval_every": 12,
+    "eval_every": 6,
     "seed": 0,
     "r2r": {"learn_weights": True, "initial_weight": 0.5, "fixed_weights": [1.0, 1.0, 1.0], "max_reason_tokens": 48},
 }
 ce = copy.deepcopy(base["students"]["minilm-ce"])
 teach = copy.deepcopy(base["teach"])
-teach["scifact"].update(depth=5, max_queries=8)
+teach["scifact"].update(depth=5, max_queries=3)
 write(
     "r2r",
     """Preset: Reason-to-Rank (issue 6). The teacher ranks windows of 5 pool candidates and gives, for each passage,
 a direct and a comparative reason (table `rationales`); a SmolLM2-135M student learns to rank (ListNet + MSE) and
 to explain (generation loss) with learned loss weights, next to the MiniLM cross-encoder on the same labels.
-Sized for 2 CPU cores: 8 synthesized queries, one window each; the students rerank the top 10 of 20 SciFact test
-queries and of 20 TREC-DL 2019 queries, every run measured on those same queries (an LM student is slow on a CPU).
+Sized for 2 CPU cores (a window takes the embedded teacher 3-10 minutes): 3 synthesized queries, one window
+each; the students rerank the top 10 of 10 SciFact test queries and of 10 TREC-DL 2019 queries, every run
+measured on those same queries (an LM student is slow on a CPU).
   make preset PRESET=r2r                 (git checkout params.yaml returns to the default)
   distillrank explain --model data/students/r2r-smollm2 --collection ../shared/data/trec-dl-2019 \\
       --run ../shared/data/trec-dl-2019/runs/bm25.trec --query-id 1037798""",
@@ -99,8 +100,8 @@ queries and of 20 TREC-DL 2019 queries, every run measured on those same queries
         "students": {"minilm-ce": ce, "r2r-smollm2": r2r},
         "rerank": {**base["rerank"], "depth": 10},
         "evaluation": {
-            "scifact": {"split": "test", "max_queries": 20, "seed": 0},
-            "trec-dl-2019": {"split": "test", "max_queries": 20, "seed": 0},
+            "scifact": {"split": "test", "max_queries": 10, "seed": 0},
+            "trec-dl-2019": {"split": "test", "max_queries": 10, "seed": 0},
         },
     },
 )
