@@ -161,9 +161,7 @@ def load_dense(dense_dir: Path | str, cfg: DenseConfig) -> DenseIndex:
         raise DenseIndexError(f"{dense_dir}: no dense index here: run the encode stage first")
     meta = json.loads((dense_dir / META_FILE).read_text(encoding="utf-8"))
     if meta.get("encoded") is False:
-        raise DenseIndexError(
-            f"{dense_dir}: this collection was not encoded ({meta.get('reason')})"
-        )
+        raise DenseIndexError(f"{dense_dir}: this collection was not encoded ({meta.get('reason')})")
     expected = {"model": cfg.model, "normalize": cfg.normalize, "max_length": cfg.max_length}
     differ = {key: (meta.get(key), value) for key, value in expected.items() if meta.get(key) != value}
     if differ:
