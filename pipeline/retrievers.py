@@ -19,8 +19,6 @@ rank, score), rank 1 first.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from tqdm import tqdm
 
 from pipeline import schemas
 from pipeline.config import ConfigError, DenseConfig, Paths, RerankRetrieverConfig, RetrieveConfig, SpladeConfig
-from pipeline.io import read_table
+from pipeline.io import atomic_folder, read_table
 from pipeline.lucene import bm25_rm3_search, bm25_search, document_contents
 
 RUN_COLUMNS = ["query_id", "doc_id", "rank", "score"]
@@ -131,17 +129,10 @@ def encode_corpus(corpus: pd.DataFrame, cfg: DenseConfig, out_dir: Path | str) -
         "docs": len(corpus),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as work:
         faiss.write_index(index, str(work / FAISS_FILE))
         (work / DOC_IDS_FILE).write_text(json.dumps(corpus.doc_id.tolist()), encoding="utf-8")
         (work / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        work.rename(out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return meta
 
 
