@@ -181,6 +181,22 @@ def prepare_checkpoints(checkpoint_dir: Path, config: dict[str, Any]) -> Path | 
 # -- outputs ------------------------------------------------------------------------------------------------------
 
 
+def run_train_loss(log_history: list[dict], trainer_loss: float, resumed_step: int) -> float:
+    """The mean training loss of the whole run. The Trainer's ``training_loss`` covers only the steps of its own
+    call, so after a resume it is the mean over the steps left (0.0 when none was): then the losses logged over
+    the whole run (every ``logging_steps``), restored with the checkpoint, are averaged instead.
+
+    >>> run_train_loss([{"loss": 0.7, "step": 1}, {"loss": 0.5, "step": 2}, {"eval_ndcg@10": 1.0}], 0.0, 2)
+    0.6
+    >>> run_train_loss([{"loss": 0.7, "step": 1}], 0.65, 0)
+    0.65
+    """
+    losses = [float(entry["loss"]) for entry in log_history if "loss" in entry]
+    if resumed_step == 0 or not losses:
+        return trainer_loss
+    return sum(losses) / len(losses)
+
+
 def curve_from_log_history(log_history: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Training curve (step, train_loss, dev_ndcg@10, dev_kendall_tau) from the Trainer's ``state.log_history``.
 
@@ -437,9 +453,12 @@ def train_ranking(
         "dev_queries": len(dev_groups),
         "train_queries": len(train_groups),
         "train_pairs": pair_count,
-        "train_loss": round(float(output.training_loss), 6),
+        "train_loss": round(run_train_loss(state.log_history, float(output.training_loss), resumed_step), 6),
         "seconds": round(seconds, 1),
-        "pairs_per_second": round(seen_pairs / float(output.metrics.get("train_runtime", seconds)), 2),
+        # None when a resumed run had no step left to train (nothing was measured)
+        "pairs_per_second": (
+            round(seen_pairs / float(output.metrics.get("train_runtime", seconds)), 2) if seen_pairs else None
+        ),
         "device": str(student.device),
     }
     student.save(out_dir, loss=cfg.loss, labels=cfg.labels, steps=summary["steps"])
