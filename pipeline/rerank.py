@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.io import RunFormatError, read_trec_run, write_trec_run
     from pipeline.lucene import document_contents
     from pipeline.sources import CollectionError, load_beir_folder
-    from pipeline.students.base import StudentLoadError, load_student, read_student_info
+    from pipeline.students.base import StudentLoadError, read_student_info
+    from pipeline.students.registry import load_student
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rerank %(levelname)s %(message)s")

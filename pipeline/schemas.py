@@ -77,9 +77,11 @@ EVAL_PER_QUERY = pa.schema(
     ]
 )
 
-# The teacher's ranking of each query's candidates. ``score``: the pointwise score, the imported run's score, or
-# null for listwise answers (only the order is known). ``template_hash`` and ``run_id`` say which prompt and
-# which run produced the label; ``model`` and ``method`` which teacher.
+# The teacher's ranking of each query's candidates: one ranked list per (query_id, model, first_stage). ``score``:
+# the pointwise score, the imported run's score, or null for listwise answers (only the order is known).
+# ``model`` and ``method`` say which teacher; ``first_stage`` which first stage's candidates it ranked (the
+# target's candidates for a live teacher; an imported file's own first stage, null when unknown);
+# ``template_hash`` the prompt template's sha256, or an imported file's; ``run_id`` which run wrote the label.
 TEACHER_RANKINGS = pa.schema(
     [
         pa.field("collection", pa.string(), nullable=False),
@@ -90,6 +92,7 @@ TEACHER_RANKINGS = pa.schema(
         pa.field("first_stage_rank", pa.int32(), nullable=True),
         pa.field("model", pa.string(), nullable=False),
         pa.field("method", pa.string(), nullable=False),
+        pa.field("first_stage", pa.string(), nullable=True),
         pa.field("template_hash", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
     ]
@@ -115,12 +118,15 @@ TEACHER_WINDOWS = pa.schema(
 )
 
 
-# Training examples built from teacher rankings: one group per query (its candidates with the teacher's rank) and
-# TWOLAR's target 1/(teacher_rank + 1). ``collection`` is the teach target's name; ``split``: train | dev.
+# Training examples built from teacher rankings: one group per (query, ranked list) (its candidates with that
+# list's teacher rank) and TWOLAR's target 1/(teacher_rank + 1). ``collection`` is the teach target's name;
+# ``split``: train | dev, at the query level (a dev query is dev in every list).
 TRAINING_EXAMPLES = pa.schema(
     [
         pa.field("collection", pa.string(), nullable=False),
         pa.field("query_id", pa.string(), nullable=False),
+        # the ranked list the example comes from (``teacher@first_stage``): one training group per (query, list)
+        pa.field("list", pa.string(), nullable=False),
         pa.field("query", pa.string(), nullable=False),
         pa.field("doc_id", pa.string(), nullable=False),
         pa.field("passage", pa.string(), nullable=False),

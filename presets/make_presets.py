@@ -23,16 +23,48 @@ def write(name, header, changes):
     (REPO / "presets" / f"{name}.yaml").write_text(text)
 
 
-teacher = copy.deepcopy(base["teacher"])
-teacher["method"] = "imported"
-teacher["imported"] = {
-    "path": "../shared/data/trec-dl-2019/runs/splade-pp-ed.trec",
-    "format": "trec",
-    "name": "splade-pp-ed",
-    "scope": "pool",
+# The MiniLM cross-encoder (a sentence-transformers CrossEncoder; its head starts random), RankNet on TWOLAR's targets.
+CROSS_ENCODER = {
+    "kind": "cross-encoder",
+    "backbone": "all-MiniLM-L6-v2",
+    "labels": "scifact",
+    "loss": "ranknet",
+    "max_length": "auto",
+    "precision": "auto",
+    "group_size": 16,
+    "groups_per_list": 2,
+    "queries_per_batch": 2,
+    "gradient_accumulation": 1,
+    "epochs": 1.0,
+    "max_steps": None,
+    "learning_rate": 5.0e-5,
+    "weight_decay": 0.01,
+    "warmup_ratio": 0.1,
+    "scheduler": "linear",
+    "eval_every": 25,
+    "keep_best": False,
+    "seed": 0,
 }
-student = copy.deepcopy(base["students"]["minilm-ce"])
-student.update(labels="trec-dl-2019", epochs=2)
+
+splade_target = {
+    "queries": "collection",
+    "split": "test",
+    "depth": 10,
+    "max_queries": None,
+    "candidates": "shipped-union",
+    "seed": 0,
+    "method": "imported",
+    "imported": {
+        "scope": "pool",
+        "files": [
+            {
+                "path": "../shared/data/trec-dl-2019/runs/splade-pp-ed.trec",
+                "teacher": "splade-pp-ed",
+                "first_stage": "shipped-union",
+            }
+        ],
+    },
+}
 write(
     "strong-teacher",
     """Preset: a strong teacher through imported labels (issue 5). The TREC-DL 2019 `splade-pp-ed` run (nDCG@10
@@ -42,20 +74,27 @@ have a strong LLM's rerank output (a TREC run, or rank_llm JSON) run exactly thi
   make preset PRESET=strong-teacher      (git checkout params.yaml returns to the default)
 TREC-DL 2019 is not an evaluation collection here: its queries are the training data.""",
     {
-        "teacher": teacher,
         "synthesize": {},
-        "teach": {
-            "trec-dl-2019": {
-                "queries": "collection",
-                "split": "test",
-                "depth": 10,
-                "max_queries": None,
-                "candidates": "shipped-union",
-                "seed": 0,
-            }
-        },
-        "students": {"minilm-ce-splade": student},
+        "teach": {"trec-dl-2019": splade_target},
+        "students": {"minilm-ce-splade": {**CROSS_ENCODER, "labels": "trec-dl-2019"}},
         "evaluation": {"scifact": {"split": "test"}},
+    },
+)
+
+write(
+    "recorded-teacher",
+    """Preset: distil the recorded real LLM teachers only (issue 10): TREC-DL 2019's six ranked lists per query
+(GPT-3.5 RankGPT over BM25, RankVicuna-7B over five first stages), minus the held-out dev queries, into the MiniLM
+bi-encoder and the MiniLM cross-encoder, each next to its untrained start, BM25 and every teacher on the held-out
+queries (and SciFact test out of domain). No live LLM call: what a user with rank_llm output runs.
+  make preset PRESET=recorded-teacher    (git checkout params.yaml returns to the default)""",
+    {
+        "synthesize": {},
+        "teach": {"trec-dl-2019": base["teach"]["trec-dl-2019"]},
+        "students": {
+            "minilm-bi": base["students"]["minilm-bi"],
+            "minilm-ce": {**CROSS_ENCODER, "labels": "trec-dl-2019"},
+        },
     },
 )
 
@@ -80,7 +119,7 @@ r2r = {
     "seed": 0,
     "r2r": {"learn_weights": True, "initial_weight": 0.5, "fixed_weights": [1.0, 1.0, 1.0], "max_reason_tokens": 48},
 }
-ce = copy.deepcopy(base["students"]["minilm-ce"])
+ce = dict(CROSS_ENCODER)
 teach = copy.deepcopy(base["teach"])
 teach["scifact"].update(depth=5, max_queries=3)
 write(
@@ -159,7 +198,8 @@ windows = 60K teacher calls; Flan-T5-XL, 1 epoch over 20K groups of 30 on one A1
                 "max_queries": None,
                 "candidates": "pool",
                 "seed": 0,
-            }
+            },
+            "trec-dl-2019": base["teach"]["trec-dl-2019"],
         },
         "students": {"flan-t5-xl": t5},
         "rerank": {**base["rerank"], "depth": 100, "batch_size": 64},

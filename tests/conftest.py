@@ -20,7 +20,7 @@ BIN = Path(sys.executable).parent
 # What a copy of the repository needs for `dvc repro`: the DAG, the code it names as dependencies, DVC config.
 REPO_FILES = ("dvc.yaml", ".dvcignore", ".dvc/config", "pipeline")
 # paths (params.yaml keys) that always exist in the repository: each holds a committed README.md
-ALWAYS_PRESENT = ("synthetic", "pool", "teacher", "reranked")
+ALWAYS_PRESENT = ("synthetic", "pool", "teacher", "reranked", "training")
 
 
 def tiny_params(root: Path | None = None, source: Path = FIXTURE, **overrides: object) -> dict:

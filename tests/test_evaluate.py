@@ -15,11 +15,22 @@ from pipeline.io import read_table, write_json, write_table
 from pipeline.stages import evaluate
 
 TEST_QUERIES = [f"t{i}" for i in range(1, 9)]
+TEACHER = "teacher:m@bm25"  # the teacher's run: one per ranked list (teacher@first stage)
 DOCS = [f"d{i}" for i in range(1, 9)]  # t<i>'s relevant document is d<i>
 
 
 def tmp_paths(root: Path) -> Paths:
-    names = ("collections", "retrieval", "evaluation", "teacher", "reranked", "metrics", "plots", "students")
+    names = (
+        "collections",
+        "retrieval",
+        "evaluation",
+        "teacher",
+        "reranked",
+        "metrics",
+        "plots",
+        "students",
+        "training",
+    )
     return Paths(**{name: str(root / name) for name in names})
 
 
@@ -79,7 +90,13 @@ def write_teacher(paths: Paths) -> None:
     ranked = {q: relevant_at(q, 2) for q in ["t1", "t2", "t3", "r1"]}
     frame = run_frame(ranked).rename(columns={"rank": "teacher_rank"})
     frame = frame.assign(
-        collection="c", first_stage_rank=1, model="m", method="pointwise", template_hash="h", run_id="x"
+        collection="c",
+        first_stage_rank=1,
+        model="m",
+        method="pointwise",
+        first_stage="bm25",
+        template_hash="h",
+        run_id="x",
     )
     write_table(frame, schemas.TEACHER_RANKINGS, paths.teacher_dir("c") / "teacher_rankings.parquet")
 
@@ -109,15 +126,15 @@ def test_evaluate_lists_students_and_the_teacher_on_its_queries(tmp_path: Path) 
     metrics = evaluate_c(paths)["metrics"]
 
     runs = metrics["c"]["runs"]
-    assert set(runs) == {"bm25", "student-ce", "teacher"}
+    assert set(runs) == {"bm25", "student-ce", TEACHER}
     assert runs["student-ce"]["RR@10"] == pytest.approx((6 * 1 + 2 * 0.2) / 8, abs=1e-4)
     # the teacher is measured on the 3 test queries it labelled, not penalised on the 5 others
-    assert metrics["c"]["teacher_queries"] == 3
-    assert runs["teacher"]["RR@10"] == pytest.approx(0.5, abs=1e-4)
+    assert metrics["c"]["teacher_queries"] == {TEACHER: 3}
+    assert runs[TEACHER]["RR@10"] == pytest.approx(0.5, abs=1e-4)
     assert metrics["students"] == {"student-ce": {"dev": {"nDCG@10": 0.5, "kendall_tau": 0.3}}}
 
     versus = metrics["c"]["vs_bm25"]
-    assert versus["teacher"]["queries"] == 3 and versus["teacher"]["wins"] == 3
+    assert versus[TEACHER]["queries"] == 3 and versus[TEACHER]["wins"] == 3
     assert versus["student-ce"]["queries"] == 8
     assert (versus["student-ce"]["wins"], versus["student-ce"]["losses"]) == (6, 2)
     per_query = read_table(Path(paths.evaluation) / "per_query.parquet")
@@ -125,11 +142,11 @@ def test_evaluate_lists_students_and_the_teacher_on_its_queries(tmp_path: Path) 
     student = per_query[(per_query.run == "student-ce") & (per_query.measure == "nDCG@10")].set_index("query_id")
     expected = stats.wilcoxon(student.value - bm25[student.index]).pvalue
     assert versus["student-ce"]["wilcoxon_p_value"] == pytest.approx(expected, rel=1e-2)
-    assert set(per_query[per_query.run == "teacher"].query_id) == {"t1", "t2", "t3"}
+    assert set(per_query[per_query.run == TEACHER].query_id) == {"t1", "t2", "t3"}
 
     deltas = pd.read_csv(Path(paths.plots) / "per_query_deltas.csv")
-    assert set(deltas.run) == {"student-ce", "teacher"}
-    assert len(deltas[deltas.run == "teacher"]) == 3
+    assert set(deltas.run) == {"student-ce", TEACHER}
+    assert len(deltas[deltas.run == TEACHER]) == 3
     assert json.loads((Path(paths.metrics) / "eval.json").read_text())["c"]["runs"].keys() == runs.keys()
 
 
@@ -151,3 +168,36 @@ def test_paired_tests_handle_identical_runs_and_match_scipy() -> None:
     # one constant nonzero delta: the t-test is undefined (no variance), reported as None, not NaN
     t_p, w_p = evaluate.paired_tests(pd.Series([0.5, 0.6]), pd.Series([0.4, 0.5]))
     assert t_p is None and w_p is not None
+
+
+def test_every_run_is_also_measured_on_the_held_out_queries(tmp_path: Path) -> None:
+    """evaluation.<name>.held_out: the teach target's dev queries (t5..t8, which no student trained on) get their own
+    figures, deltas and paired tests, next to the whole split's."""
+    paths = tmp_paths(tmp_path)
+    write_collection(paths)
+    write_student(paths, "student-ce")  # rank 1 on t1..t6, rank 5 on t7, t8
+    write_teacher(paths)
+    examples = pd.DataFrame(
+        {
+            "collection": "c",
+            "query_id": TEST_QUERIES,
+            "list": "m@bm25",
+            "query": "q",
+            "doc_id": "d1",
+            "passage": "p",
+            "teacher_rank": 1,
+            "target": 0.5,
+            "teacher_score": None,
+            "split": ["train"] * 4 + ["dev"] * 4,
+        }
+    )
+    write_table(examples, schemas.TRAINING_EXAMPLES, paths.training_dir("c") / "examples.parquet")
+    cfg = EvaluateConfig(measures=("nDCG@10", "RR@10"), baseline="bm25")
+    metrics = evaluate.run({"c": EvaluationCollection(split="test", held_out="c")}, {"c": 1}, cfg, paths)["metrics"]
+    held = metrics["c"]["held_out"]
+    assert held["target"] == "c" and held["queries"] == 4
+    assert held["runs"]["bm25"]["RR@10"] == pytest.approx(1 / 3, abs=1e-4)
+    assert held["runs"]["student-ce"]["RR@10"] == pytest.approx((2 * 1 + 2 * 0.2) / 4, abs=1e-4)
+    assert TEACHER not in held["runs"]  # it labelled t1..t3 only, none of them held out
+    assert held["vs_bm25"]["student-ce"]["queries"] == 4 and held["vs_bm25"]["student-ce"]["wins"] == 2
+    assert metrics["c"]["vs_bm25"]["student-ce"]["queries"] == 8  # the whole split is still there

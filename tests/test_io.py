@@ -230,10 +230,12 @@ def test_every_table_uses_ir_column_names() -> None:
             assert "doc_id" in columns, name
         # only values that may truly be unknown are nullable: a listwise teacher gives no score, and an
         # imported label may rank a document that the first stage did not retrieve; a collection's own query
-        # has no source document; a teacher may find no answer sentence; a teacher score may be unknown
+        # has no source document; a teacher may find no answer sentence; a teacher score may be unknown; an
+        # imported file may not say which first stage it reranked
         allowed_null = {
             ("teacher_rankings", "score"),
             ("teacher_rankings", "first_stage_rank"),
+            ("teacher_rankings", "first_stage"),
             ("queries", "source_doc_id"),
             ("synthetic_queries", "source_doc_id"),
             ("rationales", "answer_sentence"),

@@ -107,3 +107,101 @@ def test_no_pairs_gives_a_zero_loss_that_backpropagates(name: str) -> None:
 def test_unknown_loss() -> None:
     with pytest.raises(ValueError, match="unknown loss"):
         get_loss("hinge")
+
+
+# -- agreement with sentence-transformers' own losses, on the same logits -----------------------------------------
+def fixed_logits():
+    """Stands in for a CrossEncoder: the logit of (query, document) is the document text read as a number, so
+    that the library's loss sees exactly the scores given to ours."""
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    class FixedLogits(CrossEncoder):
+        def __init__(self) -> None:
+            torch.nn.Module.__init__(self)  # no backbone to load
+
+        @property
+        def num_labels(self) -> int:
+            return 1
+
+        @property
+        def device(self) -> torch.device:
+            return torch.device("cpu")
+
+        def preprocess(self, pairs, prompt=None, task=None):
+            return {"value": torch.tensor([float(document) for _, document in pairs])}
+
+        def forward(self, features):
+            return {"scores": features["value"][:, None]}
+
+    return FixedLogits()
+
+
+GROUPS_S = [[1.0, 2.0, 0.0], [0.5, -1.0, 3.0, 0.2]]
+GROUPS_T = [[0.5, 1 / 3, 0.25], [1 / 3, 0.5, 0.2, 0.25]]
+
+
+def padded() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(g) for g in GROUPS_S)
+    scores = torch.tensor([g + [0.0] * (width - len(g)) for g in GROUPS_S])
+    targets = torch.tensor([g + [0.0] * (width - len(g)) for g in GROUPS_T])
+    mask = torch.tensor([[True] * len(g) + [False] * (width - len(g)) for g in GROUPS_S])
+    return scores, targets, mask
+
+
+def library_listwise(loss_cls, **kwargs) -> float:
+    loss = loss_cls(fixed_logits(), activation_fn=torch.nn.Identity(), **kwargs)
+    inputs = [["q1", "q2"], [[str(s) for s in g] for g in GROUPS_S]]
+    return float(loss(inputs, [torch.tensor(t) for t in GROUPS_T]))
+
+
+def test_ranknet_agrees_with_sentence_transformers() -> None:
+    """The library's RankNetLoss averages the same pair terms over the batch's pairs; its default takes the base-2
+    log (ours the natural one, as Burges et al.), so the two differ by exactly ln 2."""
+    from sentence_transformers.cross_encoder.losses import RankNetLoss
+
+    ours = float(ranknet(*padded()))
+    assert library_listwise(RankNetLoss, reduction_log="natural") == pytest.approx(ours, rel=1e-5)
+    assert library_listwise(RankNetLoss) == pytest.approx(ours / math.log(2), rel=1e-5)
+
+
+def test_listnet_agrees_with_sentence_transformers() -> None:
+    from sentence_transformers.cross_encoder.losses import ListNetLoss
+
+    assert library_listwise(ListNetLoss) == pytest.approx(float(listnet(*padded())), rel=1e-5)
+
+
+def test_lambdaloss_agrees_with_sentence_transformers_lambdarank_scheme() -> None:
+    """Same LambdaRank-weighted pair terms; the library averages them over the pairs of the batch, ours sums them per
+    group and averages over groups (Wang et al.'s per-query loss): on one group they differ by its pair count."""
+    from sentence_transformers.cross_encoder.losses import LambdaLoss, LambdaRankScheme
+
+    scores, targets, mask = padded()
+    one = (scores[:1], targets[:1], mask[:1])
+    pairs = sum(1 for i in range(3) for j in range(3) if GROUPS_T[0][i] > GROUPS_T[0][j])
+    loss = LambdaLoss(
+        fixed_logits(), weighting_scheme=LambdaRankScheme(), activation_fn=torch.nn.Identity(), reduction_log="natural"
+    )
+    theirs = float(loss([["q1"], [[str(s) for s in GROUPS_S[0]]]], [torch.tensor(GROUPS_T[0])]))
+    assert theirs * pairs == pytest.approx(float(lambdaloss(*one)), rel=1e-5)
+
+
+def test_margin_mse_and_bce_agree_with_sentence_transformers() -> None:
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss, MarginMSELoss
+
+    scores, targets, mask = padded()
+    rows = [
+        (str(g[i]), str(g[j]), t[i] - t[j])
+        for g, t in zip(GROUPS_S, GROUPS_T, strict=True)
+        for i in range(len(g))
+        for j in range(i + 1, len(g))
+    ]
+    mse = MarginMSELoss(fixed_logits(), activation_fn=torch.nn.Identity())
+    theirs = float(
+        mse([["q"] * len(rows), [r[0] for r in rows], [r[1] for r in rows]], torch.tensor([r[2] for r in rows]))
+    )
+    assert theirs == pytest.approx(float(margin_mse(scores, targets, mask)), rel=1e-5)
+    flat_s = [s for g in GROUPS_S for s in g]
+    flat_t = [t for g in GROUPS_T for t in g]
+    bce = BinaryCrossEntropyLoss(fixed_logits())
+    theirs = float(bce([["q"] * len(flat_s), [str(s) for s in flat_s]], torch.tensor(flat_t)))
+    assert theirs == pytest.approx(float(bce_loss(scores, targets, mask)), rel=1e-5)

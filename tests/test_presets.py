@@ -21,7 +21,7 @@ def declared_differences(path: Path) -> list[str]:
 
 
 def test_the_documented_presets_exist() -> None:
-    assert {path.stem for path in PRESETS} >= {"strong-teacher", "r2r", "full"}
+    assert {path.stem for path in PRESETS} >= {"strong-teacher", "r2r", "full", "recorded-teacher"}
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
@@ -39,10 +39,13 @@ def test_preset_is_valid_and_differs_only_where_declared(path: Path) -> None:
 
 
 def test_strong_teacher_preset_imports_splade_over_the_shipped_union() -> None:
+    from pipeline.config import teacher_for
+
     params = load_params(REPO / "presets/strong-teacher.yaml")
-    assert params.teacher.method == "imported" and params.teacher.imported.scope == "pool"
-    assert params.teacher.imported.path is not None and params.teacher.imported.path.endswith("splade-pp-ed.trec")
     target = params.teach["trec-dl-2019"]
+    teacher = teacher_for(params.teacher, target)
+    assert teacher.method == "imported" and teacher.imported.scope == "pool"
+    assert [f.path for f in teacher.imported.files] == ["../shared/data/trec-dl-2019/runs/splade-pp-ed.trec"]
     assert target.candidates == "shipped-union" and target.queries == "collection"
     # the students learn from TREC-DL 2019's queries, so it is not an evaluation collection
     assert "trec-dl-2019" not in params.evaluation
@@ -53,3 +56,32 @@ def test_r2r_preset_trains_a_reason_to_rank_student_on_rationales() -> None:
     params = load_params(REPO / "presets/r2r.yaml")
     assert params.teacher.method == "rationales"
     assert any(student.kind == "r2r" for student in params.students.values())
+
+
+def test_recorded_teacher_preset_distils_the_six_recorded_lists_and_holds_queries_out() -> None:
+    from pipeline.config import teacher_for
+
+    params = load_params(REPO / "presets/recorded-teacher.yaml")
+    target = params.teach["trec-dl-2019"]
+    files = teacher_for(params.teacher, target).imported.files
+    assert len(files) == 6 and all(Path(REPO / f.path).is_file() for f in files)
+    assert {(f.teacher, f.first_stage) for f in files} >= {
+        ("rankgpt-gpt-3.5-turbo", "bm25"),
+        ("rank_vicuna-7b", "tas-b"),
+    }
+    assert params.evaluation["trec-dl-2019"].held_out == "trec-dl-2019"
+    assert {s.kind for s in params.students.values()} == {"bi-encoder", "cross-encoder"}
+    assert params.synthesize == {}  # no live LLM call
+
+
+def test_the_default_trains_a_student_on_recorded_teachers_and_keeps_the_live_llm_path() -> None:
+    from pipeline.config import teacher_for
+
+    params = load_params(REPO / "params.yaml")
+    assert (
+        params.teacher.backend == "embedded"
+        and teacher_for(params.teacher, params.teach["scifact"]).method != "imported"
+    )
+    assert teacher_for(params.teacher, params.teach["trec-dl-2019"]).method == "imported"
+    assert params.evaluation["trec-dl-2019"].held_out == "trec-dl-2019"
+    assert any(s.labels == "trec-dl-2019" and s.kind == "bi-encoder" for s in params.students.values())

@@ -1,20 +1,50 @@
-"""The Reason-to-Rank student: its loss and weights, training (with resumption), loading, explain, faithfulness."""
+"""The Reason-to-Rank student: its loss and weights, training through the train stage on the LM students' shared
+trainer (with resumption), loading, explain, faithfulness and its model card."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from transformers import TrainerCallback
 
-from pipeline.config import R2RConfig, StudentConfig
+from pipeline import schemas
+from pipeline.config import Paths, R2RConfig, StudentConfig
+from pipeline.io import write_table
+from pipeline.stages import train as train_stage
 from pipeline.students import explain as explain_cli
-from pipeline.students import r2r
-from pipeline.students.base import STUDENT_FILE, load_student
+from pipeline.students.base import STUDENT_FILE
+from pipeline.students.groups import query_groups
+from pipeline.students.r2r import faithfulness, model, reasons, student
+from pipeline.students.registry import load_student
+
+# the R2R package's names in one namespace, as the tests read them
+r2r = SimpleNamespace(**{k: v for m in (reasons, model, faithfulness, student) for k, v in vars(m).items()})
+
+
+def train_r2r(
+    name: str, cfg: StudentConfig, examples: pd.DataFrame, rationales: pd.DataFrame, root: Path, callbacks=None
+) -> tuple[Path, dict, pd.DataFrame]:
+    """Train through the train stage (as `dvc repro` does): (student folder, summary, curve)."""
+    paths = Paths(
+        training=str(root / "training"),
+        teacher=str(root / "teacher"),
+        students=str(root / "students"),
+        checkpoints=str(root / "checkpoints"),
+        metrics=str(root / "metrics"),
+        plots=str(root / "plots"),
+    )
+    write_table(examples, schemas.TRAINING_EXAMPLES, paths.training_dir(cfg.labels) / "examples.parquet")
+    write_table(rationales, schemas.RATIONALES, paths.teacher_dir(cfg.labels) / "rationales.parquet")
+    summary = train_stage.run(name, cfg, paths, callbacks=callbacks)
+    return paths.student_dir(name), summary, pd.read_csv(root / "plots" / "training" / f"{name}.csv")
+
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tiny"
 
@@ -95,6 +125,7 @@ def make_examples() -> tuple[pd.DataFrame, pd.DataFrame]:
                 {
                     "collection": "tiny",
                     "query_id": query_id,
+                    "list": "teacher",
                     "query": f"question number {q} about {corpus[doc_id].split()[0]}",
                     "doc_id": doc_id,
                     "passage": corpus[doc_id],
@@ -147,12 +178,10 @@ def student_config(backbone: Path, **changes: object) -> StudentConfig:
 def _batch(backbone: Path, learn: bool = True, with_reasons: bool = True):
     examples, rationales = make_examples()
     model_, tok, arch = r2r.load_backbone(str(backbone))
-    model = r2r.R2RModel(model_, arch, learn_weights=learn, initial_weight=0.5, fixed_weights=(1.0, 0.5, 0.25))
+    net = r2r.R2RModel(model_, arch, learn_weights=learn, initial_weight=0.5, fixed_weights=(1.0, 0.5, 0.25))
     encoder = r2r.PromptEncoder(tok, arch, 48, 12)
-    groups = r2r.build_groups(
-        examples[examples.split == "train"], r2r.reason_targets(rationales if with_reasons else None)
-    )
-    return model, encoder, r2r.R2RCollator(encoder)(groups[:2])
+    groups = query_groups(examples, "train")
+    return net, encoder, r2r.R2RCollator(encoder, r2r.reason_targets(rationales if with_reasons else None))(groups[:2])
 
 
 def test_learned_weights_and_rank_head_get_gradients(causal_backbone: Path) -> None:
@@ -232,10 +261,7 @@ def trained(causal_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     root = tmp_path_factory.mktemp("r2r-train")
     examples, _ = make_examples()
     rationales = answer_rationales()
-    summary, curve = r2r.train_r2r(
-        "r2r-tiny", student_config(causal_backbone), examples, rationales, root / "student", root / "checkpoints"
-    )
-    return root / "student", summary, curve
+    return train_r2r("r2r-tiny", student_config(causal_backbone), examples, rationales, root)
 
 
 def test_train_r2r_writes_a_student_folder_and_a_curve(trained: tuple[Path, dict, pd.DataFrame]) -> None:
@@ -246,7 +272,7 @@ def test_train_r2r_writes_a_student_folder_and_a_curve(trained: tuple[Path, dict
     assert (folder / r2r.RANK_HEAD_FILE).is_file() and (folder / "README.md").is_file()
     assert (folder / "config.json").is_file() and (folder / "tokenizer_config.json").is_file()
     assert summary["steps"] == 4 and summary["train_queries"] == 4 and summary["dev_queries"] == 2
-    assert summary["passages_with_reasons"] == 12 and summary["train_passages"] == 16
+    assert summary["passages_with_reasons"] == 12 and summary["train_pairs"] == 16
     assert list(curve["step"]) == [1, 2, 3, 4]
     for column in ("train_loss", "weight_rank", "weight_pointwise", "weight_generation", "loss_generation"):
         assert curve[column].notna().all(), column
@@ -273,7 +299,10 @@ def test_train_r2r_measures_reason_faithfulness(trained: tuple[Path, dict, pd.Da
         assert example["teacher_direct"] == teacher[key]["direct"] and example["teacher_comparative"] == "above d9"
         assert isinstance(example["student_direct"], str) and isinstance(example["student_comparative"], str)
     json.dumps(summary, allow_nan=False)  # metrics/students/<name>.json must stay valid JSON
-    assert "Faithfulness on 6 dev passages" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()  # written by the train stage: the R2R figures are kept
+    assert (
+        "Faithfulness on 6 dev passages" in card and "Reason-to-Rank" in card and "Distillation (distillrank)" in card
+    )
 
 
 def test_faithfulness_is_capped_seeded_and_clips_examples(trained: tuple[Path, dict, pd.DataFrame]) -> None:
@@ -302,7 +331,7 @@ def test_faithfulness_without_dev_rationales_is_null(
     examples, _ = make_examples()
     rationales = answer_rationales()
     no_dev = rationales[~rationales.query_id.isin(["q4", "q5"])]
-    with caplog.at_level("WARNING", logger=r2r.__name__):
+    with caplog.at_level("WARNING", logger=faithfulness.__name__):
         faith = r2r.measure_faithfulness(student.model, student.encoder, examples, no_dev, 4, name="tiny")
     assert faith["passages"] == 0 and faith["examples"] == []
     assert faith["rouge_l_direct"] is None and faith["rouge_l_comparative"] is None
@@ -310,19 +339,23 @@ def test_faithfulness_without_dev_rationales_is_null(
     assert "no dev passage has teacher rationales" in caplog.text
 
 
-def test_training_resumes_from_the_last_checkpoint(causal_backbone: Path, tmp_path: Path) -> None:
+class KillAfterSave(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= 2:
+            raise KeyboardInterrupt("killed")
+
+
+def test_a_killed_run_resumes_and_a_finished_one_trains_from_scratch(causal_backbone: Path, tmp_path: Path) -> None:
     examples, rationales = make_examples()
-    checkpoints = tmp_path / "checkpoints"
-    first, _ = r2r.train_r2r(
-        "r", student_config(causal_backbone, max_steps=2), examples, rationales, tmp_path / "s1", checkpoints
-    )
-    assert first["steps"] == 2 and (checkpoints / "checkpoint-2").is_dir()
-    second, curve = r2r.train_r2r(
-        "r", student_config(causal_backbone), examples, rationales, tmp_path / "s2", checkpoints
-    )
-    assert second["resumed_from"].endswith("checkpoint-2")
-    assert second["steps"] == 4
+    cfg = student_config(causal_backbone)
+    with pytest.raises(KeyboardInterrupt):
+        train_r2r("r", cfg, examples, rationales, tmp_path, callbacks=[KillAfterSave()])
+    assert (tmp_path / "checkpoints" / "r" / "checkpoint-2").is_dir()
+    _, second, curve = train_r2r("r", cfg, examples, rationales, tmp_path)
+    assert second["resumed_from_step"] == 2 and second["steps"] == 4
     assert list(curve["step"]) == [1, 2, 3, 4]  # the log history of the first two steps came back with the state
+    _, third, _ = train_r2r("r", cfg, examples, rationales, tmp_path)
+    assert third["resumed_from_step"] == 0 and third["steps"] == 4
 
 
 def test_load_student_scores_and_explains(trained: tuple[Path, dict, pd.DataFrame]) -> None:
@@ -381,12 +414,12 @@ def test_explain_cli(trained: tuple[Path, dict, pd.DataFrame], tmp_path: Path, c
 def test_seq2seq_student_trains_and_explains(t5_backbone: Path, tmp_path: Path) -> None:
     examples, rationales = make_examples()
     cfg = student_config(t5_backbone, max_steps=2, r2r=R2RConfig(learn_weights=False, max_reason_tokens=8))
-    summary, curve = r2r.train_r2r("t5", cfg, examples, rationales, tmp_path / "student", tmp_path / "ck")
+    folder, summary, curve = train_r2r("t5", cfg, examples, rationales, tmp_path)
     assert summary["architecture"] == "seq2seq" and summary["steps"] == 2
     assert curve["weight_rank"].tolist() == [1.0, 1.0]  # fixed weights stay fixed
-    student = load_student(tmp_path / "student", device="cpu")
-    assert student.score("bees", ["a", "bb", "ccc"]).shape == (3,)
-    assert len(student.explain("bees", ["honey bees dance"], max_new_tokens=4)) == 1
+    loaded = load_student(folder, device="cpu")
+    assert loaded.score("bees", ["a", "bb", "ccc"]).shape == (3,)
+    assert len(loaded.explain("bees", ["honey bees dance"], max_new_tokens=4)) == 1
 
 
 def test_faithfulness_helpers() -> None:
@@ -413,11 +446,17 @@ def test_reason_targets_and_parsing_round_trip() -> None:
     assert r2r.reason_targets(failed) == {}
 
 
-def test_group_size_keeps_the_teachers_top_passage_deterministically() -> None:
+def test_group_size_keeps_the_teachers_top_passage_and_resamples_with_the_seeded_rng() -> None:
+    import random
+
+    from pipeline.students.trainer import SampledCollator
+
     examples, _ = make_examples()
-    train = examples[examples.split == "train"]
-    first = r2r.build_groups(train, {}, group_size=2, seed=3)
-    again = r2r.build_groups(train, {}, group_size=2, seed=3)
-    assert first == again
+    groups = query_groups(examples, "train")
+    collate = SampledCollator(SimpleNamespace(collate=lambda gs: gs), group_size=2)
+    random.seed(3)
+    first = collate(groups)
+    random.seed(3)
+    assert collate(groups) == first  # the Trainer checkpoints Python's RNG: a resumed run draws the same
     assert all(len(g.passages) == 2 and g.teacher_ranks[0] == 1 for g in first)
-    assert [len(g.passages) for g in r2r.build_groups(train, {})] == [4, 4, 4, 4]
+    assert [len(g.passages) for g in SampledCollator(SimpleNamespace(collate=lambda gs: gs), None)(groups)] == [4] * 4

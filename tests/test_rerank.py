@@ -125,7 +125,7 @@ def cli_args(model: Path, run: Path, out: Path, *extra: str) -> list[str]:
 
 def test_cli_reranks_a_shipped_run_end_to_end(tmp_path: Path, monkeypatch, capsys) -> None:
     # the command loads the student through load_student; a fake one stands in for a trained model here
-    monkeypatch.setattr("pipeline.students.base.load_student", lambda folder, device=None: OverlapStudent())
+    monkeypatch.setattr("pipeline.students.registry.load_student", lambda folder, device=None: OverlapStudent())
     out = tmp_path / "out" / "reranked.trec"
     run = FIXTURE / "runs" / "weak.trec"
     code = main(cli_args(student_folder(tmp_path), run, out, "--depth", "3", "--no-progress"))
@@ -184,8 +184,9 @@ def test_stage_reranks_the_evaluation_split_of_each_first_stage(tiny_pipeline: P
     test_ids = set(queries[queries.split.str.contains("test")].query_id)
     assert set(table.query_id) == test_ids
     assert set(table.student) == {"overlap"} and set(table.collection) == {"tiny"}
-    assert summary["collections"]["tiny"]["pairs"] == int((table.first_stage_rank <= 3).sum()) == student.calls[0]
-    assert summary["collections"]["tiny"]["first_stage"] == "bm25"
+    mine = summary["collections"]["tiny"]["overlap"]
+    assert mine["pairs"] == int((table.first_stage_rank <= 3).sum()) == student.calls[0]
+    assert mine["first_stage"] == "bm25"
     trec = read_trec_run(paths.reranked_dir("overlap") / "runs" / "tiny.trec")
     assert len(trec) == len(table)
 
@@ -223,7 +224,7 @@ def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_cli_with_a_real_student_folder(tiny_cross_encoder: Path, tmp_path: Path, capsys) -> None:
     from pipeline.lucene import document_contents
     from pipeline.sources import load_beir_folder
-    from pipeline.students.base import load_student
+    from pipeline.students.registry import load_student
 
     out = tmp_path / "tiny-ce.trec"
     run = FIXTURE / "runs" / "weak.trec"
@@ -266,7 +267,7 @@ def test_stage_command_with_a_real_student(tiny_pipeline: Path, tiny_cross_encod
     params = tiny_params(
         tiny_pipeline,
         teach={"tiny": {"split": "train"}},
-        students={"tiny-ce": {"kind": "cross-encoder", "labels": "tiny"}},
+        students={"tiny-ce": {"kind": "cross-encoder", "labels": "tiny", "backbone": str(tiny_cross_encoder)}},
         rerank={"depth": 5, "batch_size": 4},
     )
     params["paths"].update(students=str(tmp_path / "students"), reranked=str(tmp_path / "reranked"))
@@ -276,9 +277,15 @@ def test_stage_command_with_a_real_student(tiny_pipeline: Path, tiny_cross_encod
     shutil.copytree(tiny_cross_encoder, tmp_path / "students" / "tiny-ce")
     assert rerank_stage.main(["tiny-ce", "--params", str(params_file)]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["collections"]["tiny"]["pairs"] > 0 and summary["depth"] == 5
+    assert summary["collections"]["tiny"]["tiny-ce"]["pairs"] > 0 and summary["depth"] == 5
     table = read_table(tmp_path / "reranked" / "tiny-ce" / "reranked.parquet")
-    assert set(table.student) == {"tiny-ce"}
+    # the untrained starting point (the backbone) reranks the same candidates, as its own run
+    assert set(table.student) == {"tiny-ce", "tiny-ce:untrained"}
+    assert (
+        summary["collections"]["tiny"]["tiny-ce:untrained"]["pairs"]
+        == summary["collections"]["tiny"]["tiny-ce"]["pairs"]
+    )
     assert (tmp_path / "reranked" / "tiny-ce" / "runs" / "tiny.trec").is_file()
+    assert (tmp_path / "reranked" / "tiny-ce" / "runs" / "tiny.untrained.trec").is_file()
     assert rerank_stage.main(["nobody", "--params", str(params_file)]) == 2
     assert "students: no student 'nobody'" in capsys.readouterr().err

@@ -10,8 +10,13 @@ import pytest
 import torch
 
 from conftest import save_tiny_cross_encoder
-from pipeline.students.base import STUDENT_FILE, StudentLoadError, load_student
-from pipeline.students.models import PROMPT, RankingStudent, build_student
+from pipeline.config import StudentConfig
+from pipeline.students import bi_encoder, cross_encoder
+from pipeline.students.backbones import choose_max_length, resolve_precision
+from pipeline.students.base import STUDENT_FILE, StudentLoadError
+from pipeline.students.outputs import write_student_info
+from pipeline.students.registry import kind_module, load_student
+from pipeline.students.twolar import PROMPT, build_scorer
 
 WORDS = (  # noqa: SIM905 (a word list is easier to read as a sentence)
     "the a of and to in is for on with what how why does cause causes protein cells cell gene genes cancer "
@@ -97,16 +102,22 @@ def tiny_llama(folder: Path) -> Path:
 
 
 BUILDERS = {"cross-encoder": tiny_cross_encoder, "twolar-seq2seq": tiny_t5, "twolar-causal": tiny_llama}
+KINDS = ["cross-encoder", "bi-encoder", "twolar-seq2seq", "twolar-causal"]
 
 
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
-def tiny_student(request, tmp_path_factory) -> RankingStudent:
-    kind = request.param
-    folder = BUILDERS[kind](tmp_path_factory.mktemp(kind))
-    return build_student(kind, str(folder), max_length=24, device="cpu")
+def fresh_student(kind: str, folder: Path):
+    """A student of ``kind`` straight from a tiny random backbone (its untrained starting point), in fp32."""
+    builder = BUILDERS.get(kind, tiny_cross_encoder)
+    cfg = StudentConfig(kind=kind, backbone=str(builder(folder)), max_length=24, precision="fp32")
+    return kind_module(kind).untrained(cfg, device="cpu")
 
 
-def test_scores_are_finite_and_in_the_callers_order(tiny_student: RankingStudent) -> None:
+@pytest.fixture(scope="module", params=KINDS)
+def tiny_student(request, tmp_path_factory):
+    return fresh_student(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def test_scores_are_finite_and_in_the_callers_order(tiny_student) -> None:
     queries = [QUERIES[i % 4] for i in range(8)]
     passages = [PASSAGES[(i * 3) % 4] for i in range(8)]
     together = tiny_student.score_pairs(queries, passages, batch_size=3)
@@ -116,30 +127,33 @@ def test_scores_are_finite_and_in_the_callers_order(tiny_student: RankingStudent
     np.testing.assert_allclose(together, one_by_one, rtol=1e-4, atol=1e-5)
     assert len(set(np.round(together, 5))) > 1  # the pairs differ, so do the scores
     np.testing.assert_allclose(
-        tiny_student.score(QUERIES[0], PASSAGES), tiny_student.score_pairs([QUERIES[0]] * 4, PASSAGES)
+        tiny_student.score(QUERIES[0], PASSAGES), tiny_student.score_pairs([QUERIES[0]] * 4, PASSAGES), atol=1e-6
     )
+    assert tiny_student.score_pairs([], []).shape == (0,)
 
 
-def test_truncation_keeps_the_prompt_suffix(tiny_student: RankingStudent) -> None:
+@pytest.mark.parametrize("kind", ["twolar-seq2seq", "twolar-causal"])
+def test_truncation_keeps_the_prompt_suffix(kind: str, tmp_path: Path) -> None:
+    scorer = build_scorer(kind, str(BUILDERS[kind](tmp_path)), max_length=24, device="cpu")
     long = " ".join(["protein"] * 200)
-    features = tiny_student.tokenize([QUERIES[0]], [long])
-    ids = features[0]["input_ids"]
-    assert len(ids) <= tiny_student.max_length
-    if tiny_student.kind != "cross-encoder":
-        suffix = tiny_student.tokenizer(" Relevant:", add_special_tokens=False)["input_ids"]
-        tail = ids[-len(suffix) - len(tiny_student._tail) :][: len(suffix)]
-        assert tail == suffix
+    ids = scorer.tokenize([QUERIES[0]], [long])[0]["input_ids"]
+    assert len(ids) <= scorer.max_length
+    suffix = scorer.tokenizer(" Relevant:", add_special_tokens=False)["input_ids"]
+    tail = ids[-len(suffix) - len(scorer._tail) :][: len(suffix)]
+    assert tail == suffix
 
 
-def test_save_and_load_give_identical_scores(tiny_student: RankingStudent, tmp_path: Path) -> None:
-    before = tiny_student.score_pairs(QUERIES, PASSAGES)
-    tiny_student.save(tmp_path / "student", card="# card\n", teacher={"model": "t"}, loss="ranknet")
+@pytest.mark.parametrize("kind", ["twolar-seq2seq", "twolar-causal"])
+def test_lm_students_save_and_load_with_identical_scores(kind: str, tmp_path: Path) -> None:
+    scorer = build_scorer(kind, str(BUILDERS[kind](tmp_path / "bb")), max_length=24, device="cpu")
+    before = scorer.score_pairs(QUERIES, PASSAGES)
+    info = scorer.save(tmp_path / "student")
+    write_student_info(tmp_path / "student", {**info, "loss": "ranknet"})
     info = json.loads((tmp_path / "student" / STUDENT_FILE).read_text())
-    assert info["kind"] == tiny_student.kind and info["loss"] == "ranknet" and info["max_length"] == 24
-    if tiny_student.kind != "cross-encoder":
-        assert info["prompt"] == PROMPT and info["true_token_id"] != info["false_token_id"]
+    assert info["kind"] == kind and info["max_length"] == 24
+    assert info["prompt"] == PROMPT and info["true_token_id"] != info["false_token_id"]
     loaded = load_student(tmp_path / "student", device="cpu")
-    assert loaded.kind == tiny_student.kind
+    assert loaded.kind == kind
     np.testing.assert_allclose(loaded.score_pairs(QUERIES, PASSAGES), before, rtol=1e-5, atol=1e-6)
 
 
@@ -148,7 +162,7 @@ def test_lm_scores_are_true_minus_false_logits(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     folder = tiny_llama(tmp_path / "llama")
-    student = build_student("twolar-causal", str(folder), max_length=64, device="cpu")
+    student = build_scorer("twolar-causal", str(folder), max_length=64, device="cpu")
     model = AutoModelForCausalLM.from_pretrained(folder)
     tok = student.tokenizer
     text = PROMPT.format(query=QUERIES[1], passage=PASSAGES[0])
@@ -163,22 +177,58 @@ def test_lm_scores_are_true_minus_false_logits(tmp_path: Path) -> None:
     assert student.score_pairs([QUERIES[1]], [PASSAGES[0]])[0] == pytest.approx(expected, abs=1e-4)
 
 
-def test_cross_encoder_folder_loads_in_sentence_transformers(tmp_path: Path) -> None:
-    from sentence_transformers import CrossEncoder
+def test_cross_encoder_scores_are_the_libraries_raw_logits(tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    student = build_student("cross-encoder", str(tiny_cross_encoder(tmp_path / "ce")), max_length=64, device="cpu")
-    student.save(tmp_path / "student")
-    ours = student.score_pairs(QUERIES, PASSAGES)
-    theirs = CrossEncoder(str(tmp_path / "student"), device="cpu").predict(list(zip(QUERIES, PASSAGES, strict=True)))
-    np.testing.assert_allclose(np.asarray(theirs), ours, rtol=1e-4, atol=1e-5)
+    folder = tiny_cross_encoder(tmp_path / "ce")
+    student = fresh_student("cross-encoder", tmp_path / "ce2")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ce2")
+    tok = AutoTokenizer.from_pretrained(folder)
+    batch = tok(QUERIES, PASSAGES, padding=True, truncation=True, max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits[:, 0].numpy()
+    np.testing.assert_allclose(student.score_pairs(QUERIES, PASSAGES), logits, rtol=1e-4, atol=1e-5)
+
+
+def test_bi_encoder_scores_are_cosine_similarities(tmp_path: Path) -> None:
+    student = fresh_student("bi-encoder", tmp_path)
+    q = student.model.encode([QUERIES[0]], convert_to_tensor=True)
+    p = student.model.encode(PASSAGES, convert_to_tensor=True)
+    expected = torch.nn.functional.cosine_similarity(q, p).numpy()
+    np.testing.assert_allclose(student.score(QUERIES[0], PASSAGES), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_minilm_backbone_resolves_offline() -> None:
-    student = build_student("cross-encoder", "all-MiniLM-L6-v2", max_length=32, device="cpu")
-    assert student.model.config.num_labels == 1
-    assert np.isfinite(student.score(QUERIES[0], PASSAGES)).all()
+    model = cross_encoder.build_model("all-MiniLM-L6-v2", max_length=32, device="cpu")
+    assert model.model.config.num_labels == 1
+    assert np.isfinite(cross_encoder.CrossEncoderStudent(model).score(QUERIES[0], PASSAGES)).all()
+    untrained = bi_encoder.untrained(StudentConfig(kind="bi-encoder", precision="fp32"), device="cpu")
+    scores = untrained.score("what causes cancer", ["cancer is caused by mutations", "the sky is blue"])
+    assert scores[0] > scores[1]  # MiniLM as a bi-encoder already ranks, before any training
+
+
+def test_precision_falls_back_to_fp32_without_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.students import backbones
+
+    monkeypatch.setattr(backbones, "bf16_supported", lambda device: False)
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "fp32"  # a log line, not an error
+    monkeypatch.setattr(backbones, "bf16_supported", lambda device: True)
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp8", torch.device("cpu"))
+
+
+def test_max_length_comes_from_the_data() -> None:
+    assert choose_max_length([20] * 96 + [500] * 4, cap=512) == 32  # the longest 4% are cut
+    assert choose_max_length(list(range(10, 200)), cap=128) == 128
 
 
 def test_not_a_student_folder(tmp_path: Path) -> None:
     with pytest.raises(StudentLoadError, match=STUDENT_FILE):
+        load_student(tmp_path)
+    with pytest.raises(StudentLoadError, match="no such folder"):
+        load_student(tmp_path / "missing")
+    with pytest.raises(StudentLoadError, match="unknown student kind"):
+        (tmp_path / STUDENT_FILE).write_text('{"kind": "decision-tree"}')
         load_student(tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import pytest
 
 from conftest import tiny_params, tool_env, write_params
 from openai_server import PASSAGE_MARK, OpenAIServer, default_responder
-from pipeline.config import parse_params
+from pipeline.config import ConfigError, parse_params
 from pipeline.stages import teach
 from pipeline.teacher.cache import TeacherCache
 
@@ -157,7 +158,7 @@ def test_imported_trec_labels(teach_root: Path, tmp_path: Path) -> None:
     run_file = tmp_path / "llm.trec"
     run_file.write_text("q1 Q0 d11 1 9.0 llm\nq1 Q0 d1 2 8.0 llm\nq2 Q0 d2 1 5.0 llm\nq99 Q0 d3 1 1.0 llm\n")
     params = teach_params(teach_root, "http://127.0.0.1:9/v1", method="imported")
-    params["teacher"]["imported"] = {"path": str(run_file), "format": "trec", "name": "gpt-x"}
+    params["teacher"]["imported"] = {"files": [{"path": str(run_file), "format": "trec", "teacher": "gpt-x"}]}
     summary = run_teach(params)
     labels = rankings(teach_root).sort_values(["query_id", "teacher_rank"])
     assert labels[["query_id", "doc_id", "teacher_rank"]].values.tolist() == [
@@ -166,7 +167,44 @@ def test_imported_trec_labels(teach_root: Path, tmp_path: Path) -> None:
         ["q2", "d2", 1],
     ]
     assert set(labels.model) == {"gpt-x"} and set(labels.method) == {"imported"}
-    assert summary["queries_in_file"] == 3 and "calls" not in summary
+    assert summary["queries_in_files"] == 3 and "calls" not in summary
+    assert summary["files"][0]["teacher"] == "gpt-x" and summary["files"][0]["queries_labelled"] == 2
+    assert set(labels.template_hash) == {hashlib.sha256(run_file.read_bytes()).hexdigest()}  # provenance
+
+
+def test_several_imported_files_keep_each_lists_provenance(teach_root: Path, tmp_path: Path) -> None:
+    """Two teachers' files over two first stages: every label keeps its teacher, first stage and file hash; a
+    passage both rank is a label in each list, with each list's rank."""
+    first, second = tmp_path / "a.trec", tmp_path / "b.trec"
+    first.write_text("q1 Q0 d11 1 9.0 a\nq1 Q0 d1 2 8.0 a\nq2 Q0 d2 1 5.0 a\n")
+    second.write_text("q1 Q0 d1 1 3.0 b\nq1 Q0 d11 2 2.0 b\nq1 Q0 d5 3 1.0 b\n")
+    params = teach_params(teach_root, "http://127.0.0.1:9/v1", method="imported")
+    params["teacher"]["imported"] = {
+        "files": [
+            {"path": str(first), "teacher": "gpt-x", "first_stage": "bm25"},
+            {"path": str(second), "teacher": "vicuna", "first_stage": "tas-b"},
+        ]
+    }
+    summary = run_teach(params)
+    labels = rankings(teach_root)
+    by_list = {
+        (m, f): g.sort_values(["query_id", "teacher_rank"]).doc_id.tolist()
+        for (m, f), g in labels.groupby(["model", "first_stage"])
+    }
+    assert by_list == {("gpt-x", "bm25"): ["d11", "d1", "d2"], ("vicuna", "tas-b"): ["d1", "d11", "d5"]}
+    hashes = dict(zip(labels.model, labels.template_hash, strict=True))
+    assert hashes["vicuna"] == hashlib.sha256(second.read_bytes()).hexdigest() != hashes["gpt-x"]
+    assert [f["teacher"] for f in summary["files"]] == ["gpt-x", "vicuna"]
+    assert set(summary["quality"]["lists"]) == {"gpt-x@bm25", "vicuna@tas-b"}
+
+
+def test_two_files_with_the_same_teacher_and_first_stage_are_refused(teach_root: Path, tmp_path: Path) -> None:
+    run_file = tmp_path / "a.trec"
+    run_file.write_text("q1 Q0 d1 1 1.0 a\n")
+    params = teach_params(teach_root, "http://127.0.0.1:9/v1", method="imported")
+    params["teacher"]["imported"] = {"files": [{"path": str(run_file), "teacher": "x"}] * 2}
+    with pytest.raises(ConfigError, match="unique"):
+        run_teach(params)
 
 
 def test_budget_stops_cleanly_and_the_next_run_resumes(teach_root: Path, tmp_path: Path) -> None:

@@ -70,7 +70,11 @@ def imported_teacher(root: Path) -> dict:
     lines = ["s1 Q0 d1 1 3 t", "s1 Q0 d11 2 2 t", "s1 Q0 d6 3 1 t", "s2 Q0 d2 1 3 t", "s2 Q0 d12 2 2 t"]
     lines += ["s2 Q0 d3 3 1 t", "s3 Q0 d5 1 2 t", "s3 Q0 d8 2 1 t", "s4 Q0 d9 1 1 t", "q1 Q0 d1 1 1 t"]
     run_file.write_text("\n".join(lines) + "\n")
-    return {"backend": "embedded", "method": "imported", "imported": {"path": str(run_file), "name": "oracle"}}
+    return {
+        "backend": "embedded",
+        "method": "imported",
+        "imported": {"files": [{"path": str(run_file), "teacher": "oracle"}]},
+    }
 
 
 def test_synthetic_queries_with_imported_labels_report_the_source_document(root: Path) -> None:

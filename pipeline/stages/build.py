@@ -1,9 +1,14 @@
 """build: teacher rankings → training examples (``<paths.training>/<target>/examples.parquet``).
 
-One group per query: its candidates with the query and passage texts, the teacher's rank and score, and
-TWOLAR's target ``1 / (teacher_rank + 1)``. Each query is in the ``train`` or the ``dev`` split: synthesized
-queries keep the ``dev`` split the synthesize stage gave them; otherwise a seeded ``build.dev_fraction`` of the
-queries is held out (at least one when there are two or more queries), so that training can be validated.
+One group per (query, ranked list): the candidates of one teacher's list (``list`` = ``teacher@first_stage``: several
+imported files give one list each per query) with the query and passage texts, the list's teacher rank and
+score, and TWOLAR's target ``1 / (teacher_rank + 1)``. A passage that several lists rank is an example in each of
+them, with each list's own rank: lists are never merged (TWOLAR trains on each first stage's list as is).
+
+Each query is in the ``train`` or the ``dev`` split, at the query level, so that no dev query is trained on in
+any list: synthesized queries keep the ``dev`` split the synthesize stage gave them; otherwise a seeded
+``build.dev_fraction`` of the queries is held out (at least one when there are two or more queries). Students are
+validated on the dev queries, and ``evaluate`` measures every run on them (``evaluation.<name>.held_out``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pipeline import schemas
 from pipeline.config import BuildConfig, ConfigError, Params, Paths, TeachTarget
 from pipeline.io import read_table, write_table
 from pipeline.lucene import document_contents
+from pipeline.teacher.imported import list_name
 
 
 class NoTeacherLabels(FileNotFoundError):
@@ -65,9 +71,11 @@ def build_examples(
     corpus: pd.DataFrame,
     cfg: BuildConfig,
     keep_dev_split: bool,
+    dev_queries: set[str] | None = None,
 ) -> tuple[pd.DataFrame, int]:
     """The training examples (TRAINING_EXAMPLES columns) and the number of ranked documents dropped because the
-    corpus or the queries lack them. ``keep_dev_split``: queries whose split is "dev" form the dev split."""
+    corpus or the queries lack them. ``keep_dev_split``: queries whose split is "dev" form the dev split;
+    ``dev_queries``: exactly these queries are dev (k-fold benches), whatever else is set."""
     texts = queries.drop_duplicates("query_id").set_index("query_id")
     corpus = corpus[corpus.doc_id.isin(set(rankings.doc_id))]
     passages = pd.Series(
@@ -77,15 +85,23 @@ def build_examples(
     known = frame["query"].notna() & frame.passage.notna()
     dropped = int((~known).sum())
     frame = frame[known]
-    if keep_dev_split and (texts["split"] == "dev").any():
+    if dev_queries is not None:
+        dev = set(dev_queries)
+    elif keep_dev_split and (texts["split"] == "dev").any():
         dev = set(texts.index[texts["split"] == "dev"])
     else:
         dev = held_out(frame.query_id.unique().tolist(), cfg.dev_fraction, cfg.seed)
-    frame = frame.sort_values(["query_id", "teacher_rank"], kind="stable").assign(
-        collection=name,
-        target=lambda f: twolar_target(f.teacher_rank),
-        teacher_score=lambda f: f.score.astype("float64"),
-        split=lambda f: np.where(f.query_id.isin(dev), "dev", "train"),
+    stages = frame["first_stage"] if "first_stage" in frame else pd.Series(None, index=frame.index, dtype=object)
+    lists = [list_name(m, f if isinstance(f, str) and f else None) for m, f in zip(frame.model, stages, strict=True)]
+    frame = (
+        frame.assign(list=lists)
+        .sort_values(["query_id", "list", "teacher_rank"], kind="stable")
+        .assign(
+            collection=name,
+            target=lambda f: twolar_target(f.teacher_rank),
+            teacher_score=lambda f: f.score.astype("float64"),
+            split=lambda f: np.where(f.query_id.isin(dev), "dev", "train"),
+        )
     )
     return frame.reset_index(drop=True), dropped
 
@@ -111,9 +127,11 @@ def run(name: str, target: TeachTarget, cfg: BuildConfig, paths: Paths) -> dict:
     return {
         "target": name,
         "queries_from": target.queries,
-        "groups": {split: int(g.query_id.nunique()) for split, g in by_split},
+        "queries": {split: int(g.query_id.nunique()) for split, g in by_split},
+        "groups": {split: len(g.groupby(["query_id", "list"])) for split, g in by_split},
+        "lists": sorted(examples.list.unique()),
         "pairs": {split: len(g) for split, g in by_split},
-        "mean_group_size": round(len(examples) / examples.query_id.nunique(), 2),
+        "mean_group_size": round(len(examples) / len(examples.groupby(["query_id", "list"])), 2),
         "dropped_pairs": dropped,
         "teacher": sorted(
             f"{m}/{t}" for m, t in rankings[["model", "method"]].drop_duplicates().itertuples(index=False)

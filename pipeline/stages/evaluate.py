@@ -68,24 +68,54 @@ def student_runs(paths: Paths, name: str, students: Collection[str] | None = Non
     return runs
 
 
-def teacher_run(paths: Paths, name: str, split_ids: set[str]) -> pd.DataFrame | None:
-    """The teacher's ranking of collection ``name`` on the queries of ``split_ids`` it labelled, as a run
-    (score = -teacher_rank, since listwise labels have no score); None when it labelled none of them."""
+def teacher_runs(paths: Paths, name: str, split_ids: set[str]) -> dict[str, pd.DataFrame]:
+    """The teacher's rankings of collection ``name`` on the queries of ``split_ids`` it labelled, one run per ranked
+    list (``teacher:<teacher>@<first stage>``; score = -teacher_rank, since listwise labels have no score); an empty
+    mapping when it labelled none of them."""
+    from pipeline.teacher.imported import list_name
+
     path = paths.teacher_dir(name) / schemas.TABLES["teacher_rankings"].filename
     if not path.is_file():
-        return None
+        return {}
     table = read_table(path)
     table = table[table.query_id.isin(split_ids)]
-    if table.empty:
-        return None
-    return pd.DataFrame(
-        {
-            "query_id": table.query_id.to_numpy(),
-            "doc_id": table.doc_id.to_numpy(),
-            "rank": table.teacher_rank.to_numpy(),
-            "score": -table.teacher_rank.astype(float).to_numpy(),
-        }
-    )
+    runs = {}
+    for (model, first_stage), frame in table.groupby(["model", table.first_stage.fillna("")], sort=True):
+        runs[f"{TEACHER_RUN}:{list_name(model, first_stage or None)}"] = pd.DataFrame(
+            {
+                "query_id": frame.query_id.to_numpy(),
+                "doc_id": frame.doc_id.to_numpy(),
+                "rank": frame.teacher_rank.to_numpy(),
+                "score": -frame.teacher_rank.astype(float).to_numpy(),
+            }
+        )
+    return runs
+
+
+def held_out_queries(paths: Paths, target: str) -> set[str]:
+    """The dev queries of teach target ``target``: the queries ``build`` held out, which no student trained on."""
+    path = paths.training_dir(target) / schemas.TABLES["training_examples"].filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no training examples for held_out target {target!r} (run `build` first)")
+    examples = read_table(path)
+    return set(examples.query_id[examples["split"] == "dev"])
+
+
+def aggregate(per_query: pd.DataFrame, query_ids: set[str]) -> dict[str, dict[str, float]]:
+    """Each run's mean per measure over ``query_ids`` (the runs' per-query values: ir_measures' aggregate is their
+    mean), rounded.
+
+    >>> pq = pd.DataFrame({"run": ["a", "a", "a"], "query_id": ["1", "2", "3"], "measure": "nDCG@10",
+    ...                    "value": [1.0, 0.5, 0.0]})
+    >>> aggregate(pq, {"1", "2"})
+    {'a': {'nDCG@10': 0.75}}
+    """
+    mine = per_query[per_query.query_id.isin(query_ids)]
+    means = mine.groupby(["run", "measure"], sort=True).value.mean()
+    out: dict[str, dict[str, float]] = {}
+    for (run, measure), value in means.items():
+        out.setdefault(str(run), {})[str(measure)] = round(float(value), 4)
+    return out
 
 
 def student_fidelity(paths: Paths, students: Collection[str] | None = None) -> dict[str, dict]:
@@ -220,18 +250,20 @@ def run(
         split_ids = set(queries["query_id"])
         qrels = qrels[(qrels.split == evaluation_cfg.split) & qrels.query_id.isin(split_ids)]
         runs = collection_runs(paths, name, cfg.include_shipped_runs)
-        if cfg.baseline not in runs:
-            raise ConfigError(f"evaluate.baseline: run {cfg.baseline!r} is missing on {name} (runs: {sorted(runs)})")
+        baseline = cfg.baseline_for(name)
+        if baseline not in runs:
+            where = f"baseline_per_collection.{name}" if name in cfg.baseline_per_collection else "baseline"
+            raise ConfigError(f"evaluate.{where}: run {baseline!r} is missing on {name} (runs: {sorted(runs)})")
         for student, frame in student_runs(paths, name, students).items():
             if student in runs or student == TEACHER_RUN:
                 raise ConfigError(f"students.{student}: the name is taken by another run on {name}; rename it")
             runs[student] = frame
         # the teacher is measured on the queries it labelled only: its other queries are not misses
-        teacher = teacher_run(paths, name, split_ids)
         judged_by = {run_name: qrels for run_name in runs}
-        if teacher is not None:
-            runs[TEACHER_RUN] = teacher
-            judged_by[TEACHER_RUN] = qrels[qrels.query_id.isin(set(teacher.query_id))]
+        teachers = teacher_runs(paths, name, split_ids)
+        for run_name, frame in teachers.items():
+            runs[run_name] = frame
+            judged_by[run_name] = qrels[qrels.query_id.isin(set(frame.query_id))]
         results = {}
         for run_name, frame in runs.items():
             frame = frame[frame.query_id.isin(split_ids)]
@@ -239,13 +271,29 @@ def run(
             results[run_name] = {k: round(v, 4) for k, v in evaluated.aggregate.items()}
             per_query_frames.append(evaluated.per_query.assign(collection=name, run=run_name))
         metrics[name] = {"queries": int(qrels.query_id.nunique()), "runs": results}
-        if teacher is not None:
-            metrics[name]["teacher_queries"] = int(judged_by[TEACHER_RUN].query_id.nunique())
+        if teachers:
+            metrics[name]["teacher_queries"] = {
+                run_name: int(judged_by[run_name].query_id.nunique()) for run_name in teachers
+            }
     per_query = pd.concat(per_query_frames, ignore_index=True)
     headline = cfg.measures[0]
-    for name in evaluation:
+    deltas = []
+    for name, evaluation_cfg in evaluation.items():
         mine = per_query[per_query.collection == name]
-        metrics[name]["vs_" + cfg.baseline] = compare_to_baseline(mine, cfg.baseline, headline)
+        baseline = cfg.baseline_for(name)
+        metrics[name]["baseline"] = baseline
+        metrics[name]["vs_" + baseline] = compare_to_baseline(mine, baseline, headline)
+        deltas.append(delta_rows(mine, baseline, headline))
+        if evaluation_cfg.held_out is not None:
+            dev = held_out_queries(paths, evaluation_cfg.held_out) & set(mine.query_id)
+            dev_rows = mine[mine.query_id.isin(dev)]
+            metrics[name]["held_out"] = {
+                "target": evaluation_cfg.held_out,
+                "queries": len(dev),
+                "runs": aggregate(dev_rows, dev),
+                "baseline": baseline,
+                "vs_" + baseline: compare_to_baseline(dev_rows, baseline, headline),
+            }
     fidelity = student_fidelity(paths, students)
     if fidelity:
         if "students" in evaluation:
@@ -255,10 +303,12 @@ def run(
     spec = schemas.TABLES["eval_per_query"]
     write_table(per_query, spec.schema, Path(paths.evaluation) / spec.filename)
     write_json(metrics, Path(paths.metrics) / EVAL_METRICS_FILE)
-    deltas = delta_rows(per_query, cfg.baseline, headline)
-    write_text(deltas.to_csv(index=False), Path(paths.plots) / DELTAS_CSV)
+    all_deltas = pd.concat(deltas, ignore_index=True)
+    write_text(all_deltas.to_csv(index=False), Path(paths.plots) / DELTAS_CSV)
     pngs = [
-        str(plot_deltas(deltas, name, cfg.baseline, Path(paths.plots) / DELTAS_PNG_FOLDER / f"{name}.png"))
+        str(
+            plot_deltas(all_deltas, name, cfg.baseline_for(name), Path(paths.plots) / DELTAS_PNG_FOLDER / f"{name}.png")
+        )
         for name in evaluation
     ]
     return {"metrics": metrics, "plots": pngs}

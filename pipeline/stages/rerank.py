@@ -4,7 +4,9 @@
 first stage (``rerank.first_stage_for(collection)``: a method of the ``candidates`` table, or ``shipped-<run>``
 for a run the collection ships) for the queries of the evaluation split, rescored by the student. Writes
 ``<paths.reranked>/<student>/reranked.parquet`` (every collection) and ``runs/<collection>.trec``; the evaluate
-stage picks them up under the student's name.
+stage picks them up under the student's name. With ``rerank.untrained`` (the default) the student's untrained
+starting point (its backbone, or ``init_from``) reranks the same candidates as ``<student>:untrained``
+(``runs/<collection>.untrained.trec``), so that every report shows what distillation added.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pipeline.io import read_table, write_table, write_trec_run
 from pipeline.lucene import document_contents
 from pipeline.rerank import timed_rerank
 from pipeline.stages.common import evaluation_queries
-from pipeline.students.base import Student, StudentLoadError, load_student
+from pipeline.students.base import Student, StudentLoadError, read_student_info
+from pipeline.students.registry import kind_module, load_student
 
 SHIPPED_PREFIX = "shipped-"  # as in the evaluate stage
 RUNS_FOLDER = "runs"
@@ -52,6 +55,9 @@ def _passages(paths: Paths, collection: str, doc_ids: set[str]) -> dict[str, str
     }
 
 
+UNTRAINED_SUFFIX = ":untrained"
+
+
 def run(
     student_name: str,
     student: Student,
@@ -59,12 +65,19 @@ def run(
     cfg: RerankConfig,
     paths: Paths,
     progress: bool = True,
+    untrained: Student | None = None,
 ) -> dict:
-    """Rerank every evaluation collection's first stage with ``student``; write the table and the runs."""
+    """Rerank every evaluation collection's first stage with ``student`` (and with its ``untrained`` starting point,
+    as run ``<student>:untrained``, when given); write the table and the runs."""
     out_dir = paths.reranked_dir(student_name)
     frames = []
     summary: dict[str, dict] = {}
-    for collection, evaluation_cfg in evaluation.items():
+    scorers = {student_name: student}
+    if untrained is not None:
+        scorers[student_name + UNTRAINED_SUFFIX] = untrained
+    for (collection, evaluation_cfg), (run_name, scorer) in (
+        (item, scorer_item) for item in evaluation.items() for scorer_item in scorers.items()
+    ):
         queries = evaluation_queries(paths, collection, evaluation_cfg)
         first_stage = cfg.first_stage_for(collection)
         parameter = (
@@ -85,10 +98,11 @@ def run(
         # keep the unknown ones out: they cannot be scored (the prepare stage reports such runs)
         first = first[~unknown]
         texts = dict(zip(queries["query_id"], queries["text"], strict=True))
-        reranked, timing = timed_rerank(student, texts, passages, first, cfg.depth, cfg.batch_size, progress)
-        write_trec_run(reranked, out_dir / RUNS_FOLDER / f"{collection}.trec", tag=student_name)
-        frames.append(reranked.assign(collection=collection, student=student_name))
-        summary[collection] = {
+        reranked, timing = timed_rerank(scorer, texts, passages, first, cfg.depth, cfg.batch_size, progress)
+        suffix = run_name.removeprefix(student_name).replace(":", ".")
+        write_trec_run(reranked, out_dir / RUNS_FOLDER / f"{collection}{suffix}.trec", tag=run_name)
+        frames.append(reranked.assign(collection=collection, student=run_name))
+        summary.setdefault(collection, {})[run_name] = {
             "first_stage": first_stage,
             "queries": timing.queries,
             "pairs": timing.pairs,
@@ -114,10 +128,15 @@ def _body(params: Params, name: str | None) -> dict:
         raise FileNotFoundError(f"{folder}: student folder not found (has `distillrank stage train {name}` run?)")
     try:
         student = load_student(folder)
+        info = read_student_info(folder)
     except StudentLoadError as err:
         # not in stage_main's user errors: say which parameter names the folder, without a traceback
         raise ConfigError(f"students.{name}: {err}") from None
-    return run(name, student, params.evaluation, params.rerank, params.paths)
+    untrained = None
+    if params.rerank.untrained:
+        cfg = params.students[name]
+        untrained = kind_module(cfg.kind).untrained(cfg, max_length=int(info.get("max_length") or 0) or None)
+    return run(name, student, params.evaluation, params.rerank, params.paths, untrained=untrained)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,16 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline import schemas
-from pipeline.config import ConfigError, EndpointConfig, Params, Paths, SamplingConfig, TeacherConfig, TeachTarget
+from pipeline.config import (
+    ConfigError,
+    EndpointConfig,
+    Params,
+    Paths,
+    SamplingConfig,
+    TeacherConfig,
+    TeachTarget,
+    teacher_for,
+)
 from pipeline.io import read_table, write_json, write_table
 from pipeline.lucene import document_contents
 from pipeline.metrics import evaluate_run
@@ -456,16 +465,22 @@ def teach_rationales(pool: Pool, client: CachedTeacher, teacher: TeacherConfig) 
 
 
 def teach_imported(pool: Pool, teacher: TeacherConfig) -> TeachOutcome:
-    """The imported rankings of the pool's queries (documents outside the pool are kept: they are labels)."""
-    from pipeline.teacher.imported import import_rankings
+    """Every imported file's rankings of the pool's queries (documents outside the pool are kept: they are labels),
+    with each file's provenance columns (model, first_stage, template_hash)."""
+    from pipeline.teacher.imported import import_files
 
-    assert teacher.imported.path is not None
-    rankings = import_rankings(teacher.imported.path, teacher.imported.format)
+    rankings, files = import_files(teacher.imported)
     covered = rankings[rankings.query_id.isin(set(pool.queries.query_id))]
-    stats = {"queries_in_file": int(rankings.query_id.nunique()), "rows_in_file": len(rankings)}
+    stats: dict = {"files": files, "queries_in_files": int(rankings.query_id.nunique()), "rows_in_files": len(rankings)}
     if teacher.imported.scope == "pool":
-        covered = rank_within_pool(covered, pool.candidates)
+        covered = pd.concat(
+            [rank_within_pool(frame, pool.candidates) for _, frame in covered.groupby("template_hash", sort=False)],
+            ignore_index=True,
+        )
         stats["scope"] = "pool"
+    for summary in files:
+        mine = covered[covered.template_hash == summary["sha256"]]
+        summary.update(sha256=summary["sha256"][:12], queries_labelled=int(mine.query_id.nunique()))
     return TeachOutcome(covered.reset_index(drop=True), stats)
 
 
@@ -487,26 +502,44 @@ def rank_within_pool(rankings: pd.DataFrame, candidates: pd.DataFrame) -> pd.Dat
         ["query_id", "_unranked", "teacher_rank", "rank"], kind="stable"
     )
     merged["teacher_rank"] = merged.groupby("query_id", sort=False).cumcount() + 1
+    # candidates the file did not rank carry its provenance too (one file at a time)
+    for column in ("model", "first_stage", "template_hash"):
+        if column in rankings and len(rankings):
+            merged[column] = rankings[column].iloc[0]
     return merged.drop(columns=["rank", "_unranked"]).reset_index(drop=True)
 
 
 def teacher_quality(name: str, paths: Paths, split: str, pool: Pool, rankings: pd.DataFrame, min_rel: int) -> dict:
-    """The teacher's nDCG@10 next to the first stage's, on the same queries (those with qrels): the check a user
-    makes before distilling a teacher."""
+    """Each ranked list's nDCG@10 (one per teacher and first stage) next to the target's first stage, on the same
+    queries (those with qrels): the check a user makes before distilling a teacher."""
+    from pipeline.teacher.imported import list_name
+
     qrels = read_table(paths.collection_dir(name) / schemas.TABLES["qrels"].filename)
     qrels = qrels[(qrels.split == split) & qrels.query_id.isin(set(rankings.query_id))]
     if qrels.empty or rankings.empty:
         return {}
     judged = set(qrels.query_id)
-    teacher_run = rankings[rankings.query_id.isin(judged)].assign(score=lambda r: -r.teacher_rank.astype(float))
-    first = pool.candidates[pool.candidates.query_id.isin(judged)].assign(score=lambda c: -c["rank"].astype(float))
     measures = (HEADLINE,)
-    return {
+    first = pool.candidates[pool.candidates.query_id.isin(judged)].assign(score=lambda c: -c["rank"].astype(float))
+    lists = {}
+    for (model, first_stage), frame in rankings[rankings.query_id.isin(judged)].groupby(
+        ["model", rankings.first_stage.fillna("")], sort=True
+    ):
+        run = frame.assign(score=-frame.teacher_rank.astype(float))
+        mine = qrels[qrels.query_id.isin(set(run.query_id))]
+        lists[list_name(model, first_stage or None)] = {
+            "queries": int(mine.query_id.nunique()),
+            HEADLINE: round(evaluate_run(mine, run, measures, min_rel).aggregate[HEADLINE], 4),
+        }
+    quality: dict = {
         "queries": len(judged),
-        "teacher": round(evaluate_run(qrels, teacher_run, measures, min_rel).aggregate[HEADLINE], 4),
         "first_stage": round(evaluate_run(qrels, first, measures, min_rel).aggregate[HEADLINE], 4),
         "measure": HEADLINE,
     }
+    if len(lists) == 1:
+        quality["teacher"] = next(iter(lists.values()))[HEADLINE]
+    quality["lists"] = lists
+    return quality
 
 
 def source_doc_quality(pool: Pool, rankings: pd.DataFrame) -> dict:
@@ -553,9 +586,10 @@ def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, mi
     counters = None
     if teacher.method == "imported":
         outcome = teach_imported(pool, teacher)
-        from pipeline.teacher.imported import file_hash
-
-        model, template_hash = teacher.imported.name, file_hash(Path(str(teacher.imported.path)))
+        model = ", ".join(sorted(outcome.rankings.model.unique())) if len(outcome.rankings) else "imported"
+        template_hash = ", ".join(f["sha256"] for f in outcome.stats["files"])
+        provenance = outcome.rankings[["model", "first_stage", "template_hash"]]
+        outcome.rankings = outcome.rankings.drop(columns=["model", "first_stage", "template_hash"])
     else:
         template_name = {
             "listwise": teacher.listwise.template,
@@ -576,16 +610,22 @@ def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, mi
             outcome = method(pool, client, teacher)
             counters = client.counters
         model, template_hash = endpoint.model, template.sha256
+        provenance = pd.DataFrame(
+            {"model": model, "first_stage": target.candidates, "template_hash": template_hash},
+            index=outcome.rankings.index,
+        )
 
     first_stage = pool.candidates[["query_id", "doc_id", "rank"]].rename(columns={"rank": "first_stage_rank"})
     # imported labels may rank documents outside the pool: their first-stage rank is null
-    rankings = outcome.rankings.merge(first_stage, on=["query_id", "doc_id"], how="left").assign(
-        collection=name,
-        first_stage_rank=lambda r: r.first_stage_rank.astype("Int32"),
-        model=model,
-        method=teacher.method,
-        template_hash=template_hash,
-        run_id=run_id,
+    rankings = (
+        pd.concat([outcome.rankings, provenance], axis=1)
+        .merge(first_stage, on=["query_id", "doc_id"], how="left")
+        .assign(
+            collection=name,
+            first_stage_rank=lambda r: r.first_stage_rank.astype("Int32"),
+            method=teacher.method,
+            run_id=run_id,
+        )
     )
     spec = schemas.TABLES["teacher_rankings"]
     write_table(rankings, spec.schema, paths.teacher_dir(name) / spec.filename)
@@ -608,7 +648,7 @@ def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, mi
         "collection": name,
         "method": teacher.method,
         "model": model,
-        "template_hash": template_hash[:12],
+        "template_hash": template_hash[:12] if teacher.method != "imported" else template_hash,
         "run_id": run_id,
         "queries": {"labelled": int(rankings.query_id.nunique()), "selected": len(pool.queries)},
         "stopped_early": outcome.stopped,
@@ -641,7 +681,8 @@ def _body(params: Params, name: str | None) -> dict:
     if name not in params.teach:
         raise ConfigError(f"teach.{name}: not a teach target in params.yaml (targets: {sorted(params.teach)})")
     collection = params.collection(name)
-    return run(name, params.teach[name], params.teacher, params.paths, collection.min_relevance)
+    target = params.teach[name]
+    return run(name, target, teacher_for(params.teacher, target), params.paths, collection.min_relevance)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,11 @@
-"""train: one student from its teach target's training examples → ``<paths.students>/<name>/`` (Hugging Face
-format + ``distillrank_student.json`` + model card), ``<paths.plots>/training/<name>.csv|png`` (curves) and
-``<paths.metrics>/students/<name>.json`` (fidelity to the teacher on the dev split, throughput).
+"""train: one student from its teach target's training examples → ``<paths.students>/<name>/`` (the kind's native
+folder + ``distillrank_student.json`` + model card), ``<paths.plots>/training/<name>.csv|png`` (curves) and
+``<paths.metrics>/students/<name>.json`` (fidelity to the teacher on the dev queries, throughput).
 
-Checkpoints go to ``<paths.checkpoints>/<name>`` (a DVC output with ``persist: true``): a killed run resumes from
-the last one when the student's config and training data are unchanged, and starts fresh otherwise.
-Cross-encoders and TWOLAR LM scorers train here (``pipeline.students.training``); R2R students train in
-``pipeline.students.r2r``; both end the same way (atomic folder, card, curve, metrics).
+Checkpoints go to ``<paths.checkpoints>/<name>`` (a DVC output with ``persist: true``): a killed run resumes at
+its last checkpoint; a finished run, or one whose code (``pipeline/students``), config or data changed, trains
+again from scratch (``pipeline.students.checkpoints``). The kind's module (``pipeline.students.registry``) trains;
+every kind ends the same way here: atomic folder, card, curve, metrics.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ import pandas as pd
 from pipeline import schemas
 from pipeline.config import ConfigError, Params, Paths, StudentConfig
 from pipeline.io import atomic_folder, read_table
-from pipeline.students.training import (
-    finish_student_folder,
-    train_ranking,
+from pipeline.students.outputs import (
+    provenance_section,
+    write_card,
     write_curve,
+    write_student_info,
     write_student_metrics,
 )
+from pipeline.students.registry import kind_module
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +45,19 @@ def read_examples(cfg: StudentConfig, paths: Paths, name: str) -> pd.DataFrame:
 
 
 def teacher_info(labels: str, paths: Paths) -> dict[str, Any]:
-    """Which teacher labelled the target (model, method), for the model card."""
+    """Which teacher labelled the target (models, method, ranked lists), for the card and the metrics."""
+    from pipeline.teacher.imported import list_name
+
     path = paths.teacher_dir(labels) / schemas.TABLES["teacher_rankings"].filename
     if not path.is_file():
-        return {"model": "unknown", "method": "unknown", "target": labels}
-    rankings = read_table(path)[["model", "method"]].drop_duplicates()
+        return {"model": "unknown", "method": "unknown", "target": labels, "lists": []}
+    rankings = read_table(path)
+    stages = rankings.first_stage.where(rankings.first_stage.notna(), None)
     return {
         "model": ", ".join(sorted(rankings.model.unique())),
         "method": ", ".join(sorted(rankings.method.unique())),
         "target": labels,
+        "lists": sorted({list_name(m, f) for m, f in zip(rankings.model, stages, strict=True)}),
     }
 
 
@@ -59,21 +65,40 @@ def run(name: str, cfg: StudentConfig, paths: Paths, callbacks: list[Any] | None
     """Train student ``name``; ``callbacks``: extra Trainer callbacks (tests use one to interrupt a run)."""
     examples = read_examples(cfg, paths, name)
     teacher = teacher_info(cfg.labels, paths)
-    checkpoint_dir = paths.checkpoint_dir(name)
+    rationales = None
+    if cfg.kind == "r2r":
+        rationales = read_table(paths.teacher_dir(cfg.labels) / schemas.TABLES["rationales"].filename)
+    module = kind_module(cfg.kind)
     with atomic_folder(paths.student_dir(name)) as out_dir:
-        if cfg.kind == "r2r":
-            from pipeline.students.r2r import train_r2r
-
-            rationales = read_table(paths.teacher_dir(cfg.labels) / schemas.TABLES["rationales"].filename)
-            summary, curve = train_r2r(name, cfg, examples, rationales, out_dir, checkpoint_dir)
-        else:
-            summary, curve = train_ranking(name, cfg, examples, out_dir, checkpoint_dir, callbacks=callbacks)
-        summary = {**summary, "teacher": teacher}
-        finish_student_folder(out_dir, name, cfg, summary, teacher)
-    csv_path, png_path = write_curve(name, curve, paths.plots)
+        result = module.train(name, cfg, examples, rationales, out_dir, paths.checkpoint_dir(name), callbacks)
+        summary = {
+            "student": name,
+            "kind": cfg.kind,
+            "backbone": cfg.backbone,
+            "loss": cfg.loss,
+            "labels": cfg.labels,
+            **result.summary,
+            "teacher": teacher,
+        }
+        write_student_info(
+            out_dir,
+            {
+                **result.info,
+                "name": name,
+                "teacher": teacher,
+                "loss": cfg.loss,
+                "labels": cfg.labels,
+                "init_from": cfg.init_from,
+                "dev": summary.get("dev"),
+                "steps": summary.get("steps"),
+            },
+        )
+        tags = f"[reranking, distillation, distillrank, {cfg.kind}]"
+        header = f"---\nlibrary_name: transformers\ntags: {tags}\n---\n# {name}\n"
+        write_card(out_dir, provenance_section(name, cfg, summary, teacher) + result.card_section, header=header)
+    csv_path, png_path = write_curve(name, result.curve, paths.plots)
     metrics_path = write_student_metrics(name, summary, paths.metrics)
     return {
-        "student": name,
         **summary,
         "outputs": {
             "model": str(paths.student_dir(name)),

@@ -2,17 +2,22 @@
 
 A student folder is a Hugging Face model folder (weights, config, tokenizer, README.md model card) plus
 ``distillrank_student.json``, which says which kind of student it is and how to score with it. A cross-encoder
-folder also loads with ``sentence_transformers.CrossEncoder(path)``.
+folder also loads with ``sentence_transformers.CrossEncoder(path)``, a bi-encoder folder with
+``SentenceTransformer(path)``. ``pipeline.students.registry.load_student`` loads any of them.
+
+This module imports no other module of the package, so that every kind can import it.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import pandas as pd
 
 STUDENT_FILE = "distillrank_student.json"
 
@@ -38,9 +43,23 @@ class Student(Protocol):
         ...
 
 
+@dataclass
+class TrainResult:
+    """What a kind's ``train`` returns: the summary (metrics JSON; ``info`` is the folder's
+    ``distillrank_student.json`` record), the training curve, and the kind's own model card section (LM kinds;
+    sentence-transformers kinds keep the library's card)."""
+
+    summary: dict[str, Any]
+    curve: pd.DataFrame
+    card_section: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
 def read_student_info(folder: Path | str) -> dict:
     """``distillrank_student.json`` of a student folder, with a clear error when it is missing or broken."""
     path = Path(folder) / STUDENT_FILE
+    if not Path(folder).is_dir():
+        raise StudentLoadError(f"{folder}: no such folder (train a student first: `distillrank stage train <name>`)")
     if not path.is_file():
         raise StudentLoadError(f"{folder}: not a distillrank student folder ({STUDENT_FILE} is missing)")
     try:
@@ -50,16 +69,3 @@ def read_student_info(folder: Path | str) -> dict:
     if not isinstance(info, dict) or "kind" not in info:
         raise StudentLoadError(f"{path}: no 'kind' field")
     return info
-
-
-def load_student(folder: Path | str, device: str | None = None) -> Student:
-    """Load a trained student of any kind from its folder (``device``: None picks CUDA when present)."""
-    info = read_student_info(folder)
-    kind = info["kind"]
-    if kind == "r2r":
-        from pipeline.students.r2r import load_r2r_student
-
-        return load_r2r_student(Path(folder), info, device)
-    from pipeline.students.models import load_ranking_student
-
-    return load_ranking_student(Path(folder), info, device)

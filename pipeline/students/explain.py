@@ -102,7 +102,7 @@ def explain(
         raise ExplainError(f"{run_path}: documents {missing[:5]} of query {query_id!r} are not in {collection}")
     passages = [f"{documents.at[d, 'title']} {documents.at[d, 'text']}".strip() for d in doc_ids]
 
-    from pipeline.students.r2r import load_r2r_student
+    from pipeline.students.r2r.student import load as load_r2r_student
 
     student = load_r2r_student(Path(model_dir), info, device)
     scores = student.score(query, passages, batch_size=batch_size)

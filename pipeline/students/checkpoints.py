@@ -1,0 +1,119 @@
+"""When a training run resumes from its checkpoints, and when it starts again from scratch. One policy for every
+student kind.
+
+A run's *fingerprint* is what its result depends on: the student's config, its training examples, the code that
+trains it (every ``.py`` file of ``pipeline/students``) and the versions of torch, transformers and
+sentence-transformers. The checkpoint folder records the fingerprint it was trained with and, once the run has
+finished, a ``finished`` marker. Then:
+
+- a **killed** run (same fingerprint, no marker) resumes at its last checkpoint, with the optimizer, scheduler
+  and RNG states saved there, so that it ends where an unbroken run would have;
+- a **finished** run is never resumed: the folder is cleared and training starts from scratch (resuming a
+  finished run would train 0 steps and report figures that the current code did not produce);
+- a **changed** fingerprint (code, config, data or libraries) clears the folder and starts from scratch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.io import write_json
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_FILE = "distillrank_fingerprint.json"
+FINISHED_FILE = "distillrank_finished.json"
+STUDENTS_PACKAGE = Path(__file__).resolve().parent
+EXAMPLE_COLUMNS = ("query_id", "list", "doc_id", "teacher_rank", "split", "query", "passage")
+
+
+def code_sha256(package: Path = STUDENTS_PACKAGE) -> str:
+    """sha256 over every ``.py`` file of the students package (relative path and content, in path order)."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def examples_sha256(examples: pd.DataFrame) -> str:
+    """sha256 of the training examples' identifying columns (those present), row order included."""
+    digest = hashlib.sha256()
+    for column in EXAMPLE_COLUMNS:
+        if column in examples:
+            digest.update(column.encode())
+            digest.update(pd.util.hash_pandas_object(examples[column], index=False).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import sentence_transformers
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "sentence_transformers": sentence_transformers.__version__,
+    }
+
+
+def fingerprint(cfg: Any, examples: pd.DataFrame, **extra: Any) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed (JSON-ready)."""
+    values = {
+        "student": dataclasses.asdict(cfg),
+        "examples_sha256": examples_sha256(examples),
+        "code_sha256": code_sha256(),
+        "libraries": library_versions(),
+        **extra,
+    }
+    return json.loads(json.dumps(values, default=str))
+
+
+def prepare(checkpoint_dir: Path | str, expected: dict[str, Any]) -> Path | None:
+    """The checkpoint to resume from, or None to train from scratch (see the module docstring); the folder is
+    cleared when it cannot be resumed, and the fingerprint recorded."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoint_dir = Path(checkpoint_dir)
+    if checkpoint_dir.is_dir():
+        recorded_path = checkpoint_dir / FINGERPRINT_FILE
+        recorded = json.loads(recorded_path.read_text(encoding="utf-8")) if recorded_path.is_file() else None
+        last = get_last_checkpoint(str(checkpoint_dir))
+        finished = (checkpoint_dir / FINISHED_FILE).is_file()
+        if recorded == expected and last is not None and not finished:
+            log.info("resuming the killed run from %s (same code, config and data)", last)
+            return Path(last)
+        if finished:
+            log.info("%s holds a finished run: training from scratch", checkpoint_dir)
+        elif last is not None:
+            changed = sorted(
+                k for k in set(expected) | set(recorded or {}) if (recorded or {}).get(k) != expected.get(k)
+            )
+            log.warning(
+                "%s: %s changed since its checkpoints: training from scratch", checkpoint_dir, ", ".join(changed)
+            )
+        shutil.rmtree(checkpoint_dir)
+    write_json(expected, checkpoint_dir / FINGERPRINT_FILE)
+    return None
+
+
+def resumed_step(checkpoint: Path | None) -> int:
+    """The global step a checkpoint was saved at (0 for None)."""
+    if checkpoint is None:
+        return 0
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    return int(state.get("global_step", 0))
+
+
+def mark_finished(checkpoint_dir: Path | str, steps: int) -> None:
+    """Record that the run in ``checkpoint_dir`` finished (so that it is never resumed)."""
+    write_json({"steps": steps}, Path(checkpoint_dir) / FINISHED_FILE)

@@ -1,0 +1,151 @@
+"""Training on sentence-transformers' own trainers, shared by the cross-encoder and bi-encoder kinds.
+
+The library does the work: ``CrossEncoderTrainer`` / ``SentenceTransformerTrainer`` (the transformers Trainer:
+optimizer, warmup and schedule, gradient accumulation, bf16 autocast, seeding, checkpoints with optimizer and RNG
+state, best-checkpoint selection), its losses and its model card. What this module adds: the dev-fidelity
+evaluator (``FidelityEvaluator``, the one definition of ``pipeline.students.fidelity``), the checkpoint policy
+(``pipeline.students.checkpoints``) and the run's summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from pipeline.config import StudentConfig
+from pipeline.students import checkpoints
+from pipeline.students.backbones import Precision
+from pipeline.students.fidelity import HEADLINE, student_fidelity
+from pipeline.students.groups import Group
+from pipeline.students.outputs import curve_from_log_history, run_train_loss
+
+log = logging.getLogger(__name__)
+
+EVALUATOR_NAME = "dev"
+
+
+def fidelity_evaluator(groups: list[Group], wrap: Callable[[Any], Any], batch_size: int = 64) -> Any:
+    """A sentence-transformers evaluator that measures fidelity to the teacher on ``groups``; ``wrap(model)`` turns
+    the model being trained into a ``Student`` (anything with ``score_pairs``)."""
+    from sentence_transformers.base.evaluation import BaseEvaluator
+
+    class FidelityEvaluator(BaseEvaluator):
+        """nDCG@10 with the teacher's ranking as labels and Kendall's tau, on the dev groups."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.name = EVALUATOR_NAME
+            self.primary_metric = "ndcg@10"
+
+        def __call__(self, model: Any, output_path: str | None = None, epoch: int = -1, steps: int = -1) -> dict:
+            values = student_fidelity(wrap(model), groups, batch_size=batch_size)
+            metrics = {"ndcg@10": values[HEADLINE], "kendall_tau": values["kendall_tau"]}
+            metrics = self.prefix_name_to_metrics(metrics, self.name)
+            self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
+            return metrics
+
+    return FidelityEvaluator()
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the kind-specific part hands over: the model, its loss, the training rows, and how to score."""
+
+    model: Any  # a CrossEncoder or a SentenceTransformer
+    loss: Any
+    train_rows: pd.DataFrame  # one row per training example, in the columns the loss reads
+    wrap: Callable[[Any], Any]  # model -> Student
+    pairs_per_row: float  # (query, passage) pairs one row holds, for the pairs/s figure
+    precision: Precision
+    max_length: int
+
+
+def training_arguments(args_cls: type, cfg: StudentConfig, checkpoint_dir: Path, precision: Precision, has_dev: bool):
+    cuda = torch.cuda.is_available()
+    return args_cls(
+        output_dir=str(checkpoint_dir),
+        per_device_train_batch_size=cfg.queries_per_batch,
+        per_device_eval_batch_size=64,
+        gradient_accumulation_steps=cfg.gradient_accumulation,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps (transformers 5)
+        lr_scheduler_type=cfg.scheduler,
+        logging_steps=max(1, cfg.eval_every // 4),
+        eval_strategy="steps" if has_dev else "no",
+        eval_steps=cfg.eval_every,
+        save_strategy="steps",
+        save_steps=cfg.eval_every,
+        save_total_limit=2,  # the last and (with load_best_model_at_end) the best
+        load_best_model_at_end=has_dev and cfg.keep_best,
+        metric_for_best_model=f"{EVALUATOR_NAME}_ndcg@10" if has_dev else None,
+        greater_is_better=True,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=precision == "bf16",
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+        report_to="none",
+        disable_tqdm=False,
+    )
+
+
+def train(
+    name: str,
+    cfg: StudentConfig,
+    run: Run,
+    examples: pd.DataFrame,
+    dev_groups: list[Group],
+    trainer_cls: type,
+    args_cls: type,
+    checkpoint_dir: Path,
+    callbacks: list[Any] | None = None,
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Train ``run.model`` with the library's trainer (resuming a killed run), keep the best dev checkpoint, and
+    return (summary, curve). The caller saves the model."""
+    from datasets import Dataset
+
+    started = time.perf_counter()
+    fingerprint = checkpoints.fingerprint(cfg, examples, max_length=run.max_length, precision=run.precision)
+    resume = checkpoints.prepare(checkpoint_dir, fingerprint)
+    has_dev = bool(dev_groups)
+    evaluator = fidelity_evaluator(dev_groups, run.wrap) if has_dev else None
+    trainer = trainer_cls(
+        model=run.model,
+        args=training_arguments(args_cls, cfg, checkpoint_dir, run.precision, has_dev),
+        train_dataset=Dataset.from_pandas(run.train_rows, preserve_index=False),
+        loss=run.loss,
+        evaluator=evaluator,
+        callbacks=callbacks,
+    )
+    first_step = checkpoints.resumed_step(resume)
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    state = trainer.state
+    checkpoints.mark_finished(checkpoint_dir, int(state.global_step))
+    dev = student_fidelity(run.wrap(run.model), dev_groups) if has_dev else {}  # the best checkpoint, reloaded
+    runtime = float(output.metrics.get("train_runtime", time.perf_counter() - started))
+    steps_run = int(state.global_step) - first_step
+    rows_per_step = cfg.queries_per_batch * cfg.gradient_accumulation
+    pairs_seen = steps_run * rows_per_step * run.pairs_per_row
+    summary = {
+        "steps": int(state.global_step),
+        "best_step": int(state.best_global_step) if state.best_global_step else None,
+        "resumed_from_step": first_step,
+        "train_loss": round(run_train_loss(state.log_history, float(output.training_loss), first_step), 6),
+        "dev": dev,
+        "train_rows": len(run.train_rows),
+        "pairs_per_second": round(pairs_seen / runtime, 2) if pairs_seen and runtime > 0 else None,
+        "precision": run.precision,
+        "max_length": run.max_length,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return summary, curve_from_log_history(state.log_history)
