@@ -34,9 +34,7 @@ CANDIDATES = QUERY_WORDS + 1  # 0..3 partners: every candidate has a distinct te
 PASSAGE_WORDS = 6
 
 
-def toy_examples(
-    pairs: int, seed: int = 0, train: int = 80, dev: int = 32, translate: bool = True
-) -> pd.DataFrame:
+def toy_examples(pairs: int, seed: int = 0, train: int = 80, dev: int = 32, translate: bool = True) -> pd.DataFrame:
     """Training examples (TRAINING_EXAMPLES columns that students read) of the toy teacher, whose language has
     ``pairs`` (source, target) word pairs. ``translate=False``: the partner of a word is the word itself (plain
     word overlap), the other words of a passage from the target vocabulary (which no query uses)."""
