@@ -131,6 +131,8 @@ def make_repo_copy(dest: Path, params: dict) -> Path:
     for key in ALWAYS_PRESENT:
         folder = Path(params.get("paths", {}).get(key, f"data/{key}"))
         (folder if folder.is_absolute() else dest / folder).mkdir(parents=True, exist_ok=True)
+    metrics = Path(params.get("paths", {}).get("metrics", "metrics"))
+    (metrics if metrics.is_absolute() else dest / metrics).joinpath("students").mkdir(parents=True, exist_ok=True)
     env = tool_env()
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True, env=env)
     return dest

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -131,6 +131,18 @@ def choose_max_length(
     value = float(np.quantile(np.asarray(lengths, dtype=np.float64), quantile))
     rounded = int(np.ceil(value / multiple) * multiple)
     return int(min(cap, max(floor, rounded)))
+
+
+def fit_max_length(setting: int | str, cap: int, measure: Callable[[], Sequence[int]]) -> int:
+    """``max_length: auto`` (``choose_max_length`` of the lengths ``measure`` returns) or the configured one, never
+    above ``cap`` (what the backbone's positions allow).
+
+    >>> fit_max_length("auto", 512, lambda: [40, 50, 60]), fit_max_length(1024, 512, list)
+    (64, 512)
+    """
+    if setting == "auto":
+        return choose_max_length(measure(), cap=cap)
+    return min(int(setting), cap)
 
 
 def model_max_positions(config: Any, default: int = 512) -> int:

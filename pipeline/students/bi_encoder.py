@@ -31,14 +31,14 @@ from pipeline.students import sbert
 from pipeline.students.backbones import (
     Precision,
     autocast,
-    choose_max_length,
+    fit_max_length,
     model_max_positions,
     pick_device,
     resolve_backbone,
     resolve_precision,
 )
 from pipeline.students.base import StudentLoadError, TrainResult
-from pipeline.students.groups import Group, query_groups, sample_indices
+from pipeline.students.groups import Group, sample_indices, split_counts, training_split
 
 log = logging.getLogger(__name__)
 
@@ -182,18 +182,13 @@ def train(
     """Distil the teacher's rankings of ``examples`` into a bi-encoder and save it to ``out_dir``."""
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
-    train_groups, dev_groups = query_groups(examples, "train"), query_groups(examples, "dev")
-    if not train_groups:
-        raise ValueError(f"students.{name}: no training queries in the examples of {cfg.labels!r}")
+    train_groups, dev_groups = training_split(name, cfg.labels, examples)
     if cfg.group_size is None:
         raise ValueError(f"students.{name}.group_size: a bi-encoder needs a group size (e.g. 8)")
     model = build_model(cfg.init_from or cfg.backbone, device)
     precision = resolve_precision(cfg.precision, model.device)
     cap = min(model_max_positions(model[0].auto_model.config), int(model.tokenizer.model_max_length or 512))
-    if cfg.max_length == "auto":
-        max_length = choose_max_length(text_lengths(model.tokenizer, examples, cfg.seed), cap=cap)
-    else:
-        max_length = min(int(cfg.max_length), cap)
+    max_length = fit_max_length(cfg.max_length, cap, lambda: text_lengths(model.tokenizer, examples, cfg.seed))
     model.max_seq_length = max_length
     rows = training_rows(train_groups, cfg.loss, cfg.group_size, cfg.groups_per_list, cfg.seed)
     if rows.empty:
@@ -228,10 +223,7 @@ def train(
         "similarity": str(model.similarity_fn_name),
     }
     summary.update(
-        train_queries=len({g.query_id for g in train_groups}),
-        train_groups=len(train_groups),
-        train_pairs=sum(len(g.doc_ids) for g in train_groups),
-        dev_queries=len({g.query_id for g in dev_groups}),
+        **split_counts(train_groups, dev_groups),
         device=str(model.device),
     )
     return TrainResult(summary, curve, info=info)

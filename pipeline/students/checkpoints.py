@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.config import StudentConfig
 from pipeline.io import write_json
 
 log = logging.getLogger(__name__)
@@ -117,3 +118,41 @@ def resumed_step(checkpoint: Path | None) -> int:
 def mark_finished(checkpoint_dir: Path | str, steps: int) -> None:
     """Record that the run in ``checkpoint_dir`` finished (so that it is never resumed)."""
     write_json({"steps": steps}, Path(checkpoint_dir) / FINISHED_FILE)
+
+
+def trainer_arguments(
+    cfg: StudentConfig, checkpoint_dir: Path, precision: str, has_dev: bool, best_metric: str, eval_batch_size: int
+) -> dict[str, Any]:
+    """The ``TrainingArguments`` every student trains with (the transformers ones and sentence-transformers'
+    subclasses take the same names): batch and schedule from ``cfg``, an evaluation and a checkpoint every
+    ``eval_every`` steps (the last two kept: the last and, with ``keep_best``, the best by ``best_metric``)."""
+    import torch
+
+    return {
+        "output_dir": str(checkpoint_dir),
+        "per_device_train_batch_size": cfg.queries_per_batch,
+        "per_device_eval_batch_size": eval_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation,
+        "num_train_epochs": cfg.epochs,
+        "max_steps": cfg.max_steps if cfg.max_steps is not None else -1,
+        "learning_rate": cfg.learning_rate,
+        "weight_decay": cfg.weight_decay,
+        "warmup_steps": cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps (transformers 5)
+        "lr_scheduler_type": cfg.scheduler,
+        "logging_steps": max(1, cfg.eval_every // 4),
+        "eval_strategy": "steps" if has_dev else "no",
+        "eval_steps": cfg.eval_every,
+        "save_strategy": "steps",
+        "save_steps": cfg.eval_every,
+        "save_total_limit": 2,  # the last and (with load_best_model_at_end) the best
+        "load_best_model_at_end": has_dev and cfg.keep_best,
+        "metric_for_best_model": best_metric if has_dev else None,
+        "greater_is_better": True,
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "bf16": precision == "bf16",
+        "use_cpu": not torch.cuda.is_available(),
+        "dataloader_num_workers": 0,
+        "report_to": "none",
+        "disable_tqdm": False,
+    }

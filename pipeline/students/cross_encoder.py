@@ -32,14 +32,14 @@ from pipeline.students import sbert
 from pipeline.students.backbones import (
     Precision,
     autocast,
-    choose_max_length,
+    fit_max_length,
     model_max_positions,
     pick_device,
     resolve_backbone,
     resolve_precision,
 )
 from pipeline.students.base import StudentLoadError, TrainResult
-from pipeline.students.groups import Group, query_groups, sample_indices
+from pipeline.students.groups import Group, sample_indices, split_counts, training_split
 
 log = logging.getLogger(__name__)
 
@@ -169,17 +169,12 @@ def train(
     """Train a cross-encoder on ``examples`` and save it to ``out_dir``; returns (summary, curve)."""
     from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
 
-    train_groups, dev_groups = query_groups(examples, "train"), query_groups(examples, "dev")
-    if not train_groups:
-        raise ValueError(f"students.{name}: no training queries in the examples of {cfg.labels!r}")
+    train_groups, dev_groups = training_split(name, cfg.labels, examples)
     set_seed(cfg.seed)  # the new head's initial weights
     model = build_model(cfg.init_from or cfg.backbone, None, device)
     precision = resolve_precision(cfg.precision, model.device)
     cap = min(model_max_positions(model.model.config), int(model.tokenizer.model_max_length or 512))
-    if cfg.max_length == "auto":
-        max_length = choose_max_length(pair_lengths(model.tokenizer, examples, cfg.seed), cap=cap)
-    else:
-        max_length = min(int(cfg.max_length), cap)
+    max_length = fit_max_length(cfg.max_length, cap, lambda: pair_lengths(model.tokenizer, examples, cfg.seed))
     model.max_length = max_length
     rows = training_rows(train_groups, cfg.loss, cfg.group_size, cfg.groups_per_list, cfg.seed)
     pairs = float(rows["docs"].map(len).mean()) if "docs" in rows else (2.0 if cfg.loss == "margin-mse" else 1.0)
@@ -206,21 +201,10 @@ def train(
     model.save_pretrained(str(out_dir))
     info = {"kind": KIND, "backbone": cfg.backbone, "max_length": max_length, "precision": precision}
     summary.update(
-        train_queries=_queries(train_groups),
-        train_groups=len(train_groups),
-        train_pairs=_pairs(train_groups),
-        dev_queries=_queries(dev_groups),
+        **split_counts(train_groups, dev_groups),
         device=str(model.device),
     )
     return TrainResult(summary, curve, info=info)
-
-
-def _queries(groups: list[Group]) -> int:
-    return len({g.query_id for g in groups})
-
-
-def _pairs(groups: list[Group]) -> int:
-    return sum(len(g.doc_ids) for g in groups)
 
 
 def load(folder: Path, info: dict, device: str | None = None) -> CrossEncoderStudent:

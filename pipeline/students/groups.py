@@ -42,6 +42,30 @@ class Group:
         )
 
 
+def training_split(student: str, labels: str, examples: pd.DataFrame) -> tuple[list[Group], list[Group]]:
+    """The train and dev groups of ``examples``; an error naming ``students.<student>`` when nothing is left to
+    train on."""
+    train, dev = query_groups(examples, "train"), query_groups(examples, "dev")
+    if not train:
+        raise ValueError(f"students.{student}: no training queries in the examples of {labels!r}")
+    return train, dev
+
+
+def split_counts(train: list[Group], dev: list[Group]) -> dict[str, int]:
+    """What a training summary says of its data.
+
+    >>> g = Group("q1", "a", "x", ("d1", "d2"), ("y", "z"), (0.5, 0.3), (1, 2))
+    >>> split_counts([g, Group("q1", "b", "x", ("d1",), ("y",), (0.5,), (1,))], [])
+    {'train_queries': 1, 'train_groups': 2, 'train_pairs': 3, 'dev_queries': 0}
+    """
+    return {
+        "train_queries": len({g.query_id for g in train}),
+        "train_groups": len(train),
+        "train_pairs": sum(len(g.doc_ids) for g in train),
+        "dev_queries": len({g.query_id for g in dev}),
+    }
+
+
 def query_groups(examples: pd.DataFrame, split: str) -> list[Group]:
     """One group per (query, list) of ``split``, sorted by query then list, candidates in teacher order.
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from pipeline.config import StudentConfig
 from pipeline.students import checkpoints
@@ -67,38 +66,6 @@ class Run:
     max_length: int
 
 
-def training_arguments(args_cls: type, cfg: StudentConfig, checkpoint_dir: Path, precision: Precision, has_dev: bool):
-    cuda = torch.cuda.is_available()
-    return args_cls(
-        output_dir=str(checkpoint_dir),
-        per_device_train_batch_size=cfg.queries_per_batch,
-        per_device_eval_batch_size=64,
-        gradient_accumulation_steps=cfg.gradient_accumulation,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
-        learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps (transformers 5)
-        lr_scheduler_type=cfg.scheduler,
-        logging_steps=max(1, cfg.eval_every // 4),
-        eval_strategy="steps" if has_dev else "no",
-        eval_steps=cfg.eval_every,
-        save_strategy="steps",
-        save_steps=cfg.eval_every,
-        save_total_limit=2,  # the last and (with load_best_model_at_end) the best
-        load_best_model_at_end=has_dev and cfg.keep_best,
-        metric_for_best_model=f"{EVALUATOR_NAME}_ndcg@10" if has_dev else None,
-        greater_is_better=True,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=precision == "bf16",
-        use_cpu=not cuda,
-        dataloader_num_workers=0,
-        report_to="none",
-        disable_tqdm=False,
-    )
-
-
 def train(
     name: str,
     cfg: StudentConfig,
@@ -121,7 +88,11 @@ def train(
     evaluator = fidelity_evaluator(dev_groups, run.wrap) if has_dev else None
     trainer = trainer_cls(
         model=run.model,
-        args=training_arguments(args_cls, cfg, checkpoint_dir, run.precision, has_dev),
+        args=args_cls(
+            **checkpoints.trainer_arguments(
+                cfg, checkpoint_dir, run.precision, has_dev, f"{EVALUATOR_NAME}_ndcg@10", eval_batch_size=64
+            )
+        ),
         train_dataset=Dataset.from_pandas(run.train_rows, preserve_index=False),
         loss=run.loss,
         evaluator=evaluator,

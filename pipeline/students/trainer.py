@@ -29,7 +29,7 @@ from pipeline.config import StudentConfig
 from pipeline.students import checkpoints
 from pipeline.students.backbones import Precision
 from pipeline.students.fidelity import HEADLINE, student_fidelity
-from pipeline.students.groups import Group, GroupDataset, query_groups, sample_indices
+from pipeline.students.groups import Group, GroupDataset, sample_indices, split_counts, training_split
 from pipeline.students.outputs import curve_from_log_history, run_train_loss
 
 log = logging.getLogger(__name__)
@@ -158,37 +158,9 @@ def _evaluate_at_end() -> Any:
 def training_arguments(cfg: StudentConfig, checkpoint_dir: Path, precision: Precision, has_dev: bool) -> Any:
     from transformers import TrainingArguments
 
-    cuda = torch.cuda.is_available()
-    return TrainingArguments(
-        output_dir=str(checkpoint_dir),
-        per_device_train_batch_size=cfg.queries_per_batch,
-        per_device_eval_batch_size=32,
-        gradient_accumulation_steps=cfg.gradient_accumulation,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
-        learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps (transformers 5)
-        lr_scheduler_type=cfg.scheduler,
-        logging_steps=max(1, cfg.eval_every // 4),
-        eval_strategy="steps" if has_dev else "no",
-        eval_steps=cfg.eval_every,
-        save_strategy="steps",
-        save_steps=cfg.eval_every,
-        save_total_limit=2,  # the last and (with load_best_model_at_end) the best
-        load_best_model_at_end=has_dev and cfg.keep_best,
-        metric_for_best_model="ndcg@10" if has_dev else None,
-        greater_is_better=True,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=precision == "bf16",
-        use_cpu=not cuda,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=False,
-        report_to="none",
-        disable_tqdm=False,
-    )
+    common = checkpoints.trainer_arguments(cfg, checkpoint_dir, precision, has_dev, "ndcg@10", eval_batch_size=32)
+    # the collators read the raw group fields, and pinned memory only helps a GPU
+    return TrainingArguments(**common, remove_unused_columns=False, dataloader_pin_memory=False)
 
 
 def train(
@@ -204,9 +176,7 @@ def train(
     """Train ``kind`` on ``examples`` (resuming a killed run; from scratch when code, config or data changed);
     the best dev checkpoint is loaded at the end. Returns (summary, curve, dev groups); the caller saves."""
     started = time.perf_counter()
-    train_groups, dev_groups = query_groups(examples, "train"), query_groups(examples, "dev")
-    if not train_groups:
-        raise ValueError(f"students.{name}: no training queries in the examples of {cfg.labels!r}")
+    train_groups, dev_groups = training_split(name, cfg.labels, examples)
     resume = checkpoints.prepare(
         checkpoint_dir, checkpoints.fingerprint(cfg, examples, precision=precision, **fingerprint_extra)
     )
@@ -237,10 +207,7 @@ def train(
         "resumed_from_step": first_step,
         "train_loss": round(run_train_loss(state.log_history, float(output.training_loss), first_step), 6),
         "dev": dev,
-        "train_queries": len({g.query_id for g in train_groups}),
-        "train_groups": len(train_groups),
-        "train_pairs": sum(len(g.doc_ids) for g in train_groups),
-        "dev_queries": len({g.query_id for g in dev_groups}),
+        **split_counts(train_groups, dev_groups),
         "pairs_per_second": round(pairs_seen / runtime, 2) if pairs_seen and runtime > 0 else None,
         "precision": precision,
         "seconds": round(time.perf_counter() - started, 1),
