@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         return 0
     files = teacher_files(args.teachers)
-    labels, _ = import_files(ImportedConfig(files=tuple(files)))
+    labels = import_files(ImportedConfig(files=tuple(files))).rankings
     labels = labels.assign(collection="trec-dl-2019", method="imported", first_stage_rank=None, run_id="bench")
     query_ids = sorted(set(qrels.query_id))
     folds = folds_of(query_ids, args.folds, args.seed)

@@ -96,6 +96,9 @@ class CollectionConfig:
 
     source: str
     min_relevance: int = Field(default=1, ge=1)
+    # beir: a BEIR-layout folder; r2r-jsonl: a Reason-to-Rank teacher file, whose queries and passages are the
+    # collection (no qrels; its BM25 order is the shipped run "bm25"; see ``pipeline.r2r_jsonl``)
+    format: Literal["beir", "r2r-jsonl"] = "beir"
 
 
 @dataclass(config=STRICT)
@@ -408,7 +411,9 @@ class ImportedFile:
     path: str
     teacher: str = "imported"  # the LLM (or system) that ranked: recorded as every label's ``model``
     first_stage: str | None = None  # what it reranked (bm25, tas-b, ...): recorded as every label's ``first_stage``
-    format: Literal["trec", "rank_llm-json"] = "trec"
+    # r2r-jsonl: a Reason-to-Rank teacher file, which gives the rationales too (its collection: a collection
+    # with the same source and ``format: r2r-jsonl``)
+    format: Literal["trec", "rank_llm-json", "r2r-jsonl"] = "trec"
 
 
 @dataclass(config=STRICT)
@@ -498,6 +503,14 @@ class R2RConfig:
     initial_weight: float = 0.5
     fixed_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # rank, pointwise, generation; when not learned
     max_reason_tokens: int = Field(default=64, ge=1)
+    # ListNet's temperature on the teacher's targets 1/(rank+1): over R2R's 5 passages they span 0.17..0.5, almost
+    # uniform at 1 (a ranking loss near 0 whatever the order); 0.1 makes the teacher's order count
+    rank_temperature: float = Field(default=1.0, gt=0)
+    # also learn (and generate) the teacher's answer sentence: ``Direct: … Comparative: … Answer: …``
+    answer_sentence: bool = False
+    # dev passages whose generated reasons are compared with the teacher's once training ends (a seeded choice;
+    # null: every dev passage with teacher reasons). Greedy generation costs seconds per passage on a CPU.
+    faithfulness_passages: int | None = Field(default=24, ge=1)
 
 
 @dataclass(config=STRICT)

@@ -76,6 +76,31 @@ def collection_table(section: Mapping[str, Any], measure: str, default: str, stu
     return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
 
 
+def reason_rows(fidelity: Mapping[str, Any]) -> list[list[str]]:
+    """One row per student that explains (R2R: a ``faithfulness`` entry): its reasons against the teacher's.
+
+    >>> reason_rows({"r": {"faithfulness": {"passages": 5, "rouge_l_direct": 0.31, "rouge_l_comparative": 0.2,
+    ...                                     "well_formed": 1.0, "student_answer_support": None}}, "ce": {}})
+    [['r', '5', '0.3100', '0.2000', '1.0000', '']]
+    """
+    rows = []
+    for student, figures in sorted(fidelity.items()):
+        faith = figures.get("faithfulness") if isinstance(figures, Mapping) else None
+        if not faith:
+            continue
+        rows.append(
+            [
+                student,
+                str(faith.get("passages", 0)),
+                figure(faith.get("rouge_l_direct")),
+                figure(faith.get("rouge_l_comparative")),
+                figure(faith.get("well_formed")),
+                figure(faith.get("student_answer_support")),
+            ]
+        )
+    return rows
+
+
 def render(metrics: Mapping[str, Any], measure: str, baseline: str, students: set[str]) -> str:
     parts = []
     for name, section in metrics.items():
@@ -103,14 +128,20 @@ def render(metrics: Mapping[str, Any], measure: str, baseline: str, students: se
                     figures.get("kind"),
                     figures.get("labels"),
                     figure(dev.get("nDCG@10")),
+                    figure(dev.get("nDCG@5")),
                     figure(dev.get("kendall_tau")),
                     figures.get("steps"),
                     "" if figures.get("seconds") is None else f"{figures['seconds']:.0f}",
                 ]
             )
-        parts.append("students: fidelity to the teacher on the dev queries (nDCG@10 with its ranking as labels)")
-        headers = ["student", "kind", "labels", "nDCG@10", "Kendall's tau", "steps", "train s"]
+        parts.append("students: fidelity to the teacher on the dev queries (nDCG with its ranking as labels)")
+        headers = ["student", "kind", "labels", "nDCG@10", "nDCG@5", "Kendall's tau", "steps", "train s"]
         parts.append(tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True))
+        reasons = reason_rows(fidelity)
+        if reasons:
+            parts.append("\nreasons: the students' explanations of the dev passages, against the teacher's")
+            headers = ["student", "passages", "ROUGE-L direct", "ROUGE-L comparative", "well formed", "answers found"]
+            parts.append(tabulate(reasons, headers=headers, tablefmt="simple", disable_numparse=True))
     return "\n".join(parts).rstrip() + "\n"
 
 

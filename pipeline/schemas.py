@@ -157,6 +157,10 @@ RATIONALES = pa.schema(
     ]
 )
 
+# The columns a teacher method (or an imported R2R file) gives for each rationale row; the teach stage adds the
+# collection, model, template hash and run id.
+RATIONALE_ROW_COLUMNS = [f.name for f in RATIONALES if f.name not in {"collection", "model", "template_hash", "run_id"}]
+
 # A student's reranking of an evaluation collection's first-stage run.
 RERANKED = pa.schema(
     [

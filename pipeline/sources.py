@@ -50,8 +50,9 @@ class LoadedCollection:
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-blank line; a malformed line raises with its number."""
-    with path.open(encoding="utf-8") as handle:
+    """Yield (line number, object) for each non-blank line; a malformed line raises with its number. A UTF-8 byte
+    order mark (what some editors write) is accepted."""
+    with path.open(encoding="utf-8-sig") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -234,6 +235,33 @@ def load_beir_folder(
         qrels=_with_collection(qrels, name),
         shipped_runs=_with_collection(shipped, name),
         unknown_qrels=unknown,
+    )
+
+
+def load_r2r_file(path: Path | str, name: str) -> LoadedCollection:
+    """A Reason-to-Rank teacher file as a collection: its passages (the corpus), its queries (split "train": R2R's
+    files label training queries; ``build`` holds out a dev split), no qrels, and the order the teacher saw the
+    candidates in as the shipped run "bm25" (score: minus the position). Its quirks are logged; the teach stage
+    reports them with the labels."""
+    from pipeline.r2r_jsonl import R2RFileError, read_r2r_jsonl
+
+    try:
+        r2r = read_r2r_jsonl(path)
+    except R2RFileError as err:
+        raise CollectionError(str(err)) from None
+    quirks = {k: v for k, v in r2r.quirks.items() if v}
+    if quirks:
+        log.info("%s: R2R file quirks (handled): %s", path, quirks)
+    queries = r2r.queries.assign(split="train", origin=COLLECTION_ORIGIN, source_doc_id=None)
+    shipped = r2r.first_stage.assign(run="bm25", score=lambda f: -f["rank"].astype(float))
+    qrels = pd.DataFrame({"query_id": [], "doc_id": [], "relevance": [], "split": []})
+    return LoadedCollection(
+        name=name,
+        corpus=_with_collection(r2r.corpus, name),
+        queries=_with_collection(queries, name),
+        qrels=_with_collection(qrels, name),
+        shipped_runs=_with_collection(shipped, name),
+        unknown_qrels=0,
     )
 
 

@@ -123,14 +123,14 @@ ce = dict(CROSS_ENCODER)
 teach = copy.deepcopy(base["teach"])
 teach["scifact"].update(depth=5, max_queries=3)
 write(
-    "r2r",
+    "r2r-embedded",
     """Preset: Reason-to-Rank (issue 6). The teacher ranks windows of 5 pool candidates and gives, for each passage,
 a direct and a comparative reason (table `rationales`); a SmolLM2-135M student learns to rank (ListNet + MSE) and
 to explain (generation loss) with learned loss weights, next to the MiniLM cross-encoder on the same labels.
 Sized for 2 CPU cores (a window takes the embedded teacher 3-10 minutes): 3 synthesized queries, one window
 each; the students rerank the top 10 of 10 SciFact test queries and of 10 TREC-DL 2019 queries, every run
 measured on those same queries (an LM student is slow on a CPU).
-  make preset PRESET=r2r                 (git checkout params.yaml returns to the default)
+  make preset PRESET=r2r-embedded        (git checkout params.yaml returns to the default)
   distillrank explain --model data/students/r2r-smollm2 --collection ../shared/data/trec-dl-2019 \\
       --run ../shared/data/trec-dl-2019/runs/bm25.trec --query-id 1037798""",
     {
@@ -142,6 +142,67 @@ measured on those same queries (an LM student is slow on a CPU).
             "scifact": {"split": "test", "max_queries": 10, "seed": 0},
             "trec-dl-2019": {"split": "test", "max_queries": 10, "seed": 0},
         },
+    },
+)
+
+R2R_FILE = "../shared/data/r2r-msmarco/r2r-gpt4-msmarco-train.jsonl"
+r2r_real = {
+    **r2r,
+    "labels": "r2r-msmarco",
+    "max_length": 192,  # 99% of the file's prompts (query + passage) fit
+    "epochs": 2.0,
+    "max_steps": None,
+    "eval_every": 25,
+    "keep_best": False,  # the dev queries are the reported figures': no checkpoint is chosen on them
+    "r2r": {
+        **r2r["r2r"],
+        "max_reason_tokens": 128,  # 98% of the targets (direct + comparative + answer) fit
+        "answer_sentence": True,
+        "faithfulness_passages": None,  # every dev passage
+    },
+}
+write(
+    "r2r",
+    """Preset: Reason-to-Rank with a real teacher (issue 13). The Reason-to-Rank project's own GPT-4 teacher file
+(100 MS MARCO train queries, 5 BM25 candidates each, GPT-4's permutation and, per passage, a direct reason, a
+comparative reason and an answer sentence) is imported as it is (format r2r-jsonl): the file is a collection of its
+own (r2r-msmarco) and the teacher's labels with their rationales. build holds out a seeded quarter of the queries
+(dev, never trained on); a SmolLM2-135M R2R student learns to rank and to explain (ListNet + MSE + generation,
+learned weights), next to the MiniLM cross-encoder on the same labels; both rerank TREC-DL 2019's BM25 top 20.
+metrics/students/<name>.json: ranking fidelity on the dev queries (nDCG@5/@10 against GPT-4's order, Kendall's
+tau) and, for R2R, ROUGE-L of its reasons against GPT-4's on every dev passage.
+  make preset PRESET=r2r                 (git checkout params.yaml returns to the default)
+  distillrank explain --model data/students/r2r-smollm2 --collection ../shared/data/trec-dl-2019 \\
+      --run ../shared/data/trec-dl-2019/runs/bm25.trec --query-id 1037798 --depth 5""",
+    {
+        "collections": {
+            "r2r-msmarco": {"source": R2R_FILE, "format": "r2r-jsonl"},
+            "trec-dl-2019": base["collections"]["trec-dl-2019"],
+        },
+        "train": {"collection": "r2r-msmarco", "split": "train"},
+        "evaluation": {"trec-dl-2019": {"split": "test"}},
+        "retrieve": {**base["retrieve"], "per_collection": {"r2r-msmarco": ["bm25"], "trec-dl-2019": ["bm25"]}},
+        "synthesize": {},
+        "teach": {
+            "r2r-msmarco": {
+                "queries": "collection",
+                "split": "train",
+                "depth": 5,
+                "max_queries": None,
+                "candidates": "shipped-union",  # the file's own BM25 candidates, in the order GPT-4 saw them
+                "seed": 0,
+                "method": "imported",
+                "imported": {
+                    "scope": "file",
+                    "files": [{"path": R2R_FILE, "teacher": "gpt-4", "first_stage": "bm25", "format": "r2r-jsonl"}],
+                },
+            }
+        },
+        "students": {
+            "r2r-smollm2": r2r_real,
+            "minilm-ce": {**CROSS_ENCODER, "labels": "r2r-msmarco", "group_size": 5, "epochs": 4.0},
+        },
+        "rerank": {**base["rerank"], "depth": 20},
     },
 )
 

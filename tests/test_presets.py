@@ -21,7 +21,7 @@ def declared_differences(path: Path) -> list[str]:
 
 
 def test_the_documented_presets_exist() -> None:
-    assert {path.stem for path in PRESETS} >= {"strong-teacher", "r2r", "full", "recorded-teacher"}
+    assert {path.stem for path in PRESETS} >= {"strong-teacher", "r2r", "r2r-embedded", "full", "recorded-teacher"}
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
@@ -52,10 +52,25 @@ def test_strong_teacher_preset_imports_splade_over_the_shipped_union() -> None:
     assert all(student.labels == "trec-dl-2019" for student in params.students.values())
 
 
-def test_r2r_preset_trains_a_reason_to_rank_student_on_rationales() -> None:
-    params = load_params(REPO / "presets/r2r.yaml")
+def test_r2r_embedded_preset_trains_a_reason_to_rank_student_on_the_live_teachers_rationales() -> None:
+    params = load_params(REPO / "presets/r2r-embedded.yaml")
     assert params.teacher.method == "rationales"
     assert any(student.kind == "r2r" for student in params.students.values())
+
+
+def test_r2r_preset_imports_the_real_gpt4_teacher_file_as_collection_and_labels() -> None:
+    from pipeline.config import teacher_for
+
+    params = load_params(REPO / "presets/r2r.yaml")
+    collection = params.collection("r2r-msmarco")
+    assert collection.format == "r2r-jsonl" and (REPO / collection.source).is_file()
+    files = teacher_for(params.teacher, params.teach["r2r-msmarco"]).imported.files
+    assert [(f.format, f.path) for f in files] == [("r2r-jsonl", collection.source)]
+    kinds = {student.kind: student for student in params.students.values()}
+    assert set(kinds) == {"r2r", "cross-encoder"} and all(s.labels == "r2r-msmarco" for s in kinds.values())
+    assert kinds["r2r"].r2r.answer_sentence and kinds["r2r"].r2r.faithfulness_passages is None
+    # the students never see TREC-DL 2019: all its 43 queries measure them, BM25's top 20 reranked
+    assert set(params.evaluation) == {"trec-dl-2019"} and params.rerank.depth == 20
 
 
 def test_recorded_teacher_preset_distils_the_six_recorded_lists_and_holds_queries_out() -> None:

@@ -370,7 +370,9 @@ def test_load_student_scores_and_explains(trained: tuple[Path, dict, pd.DataFram
     np.testing.assert_allclose(student.score("how do bees dance", passages), scores, rtol=1e-5)
     reasons = student.explain("how do bees dance", passages[:2], max_new_tokens=6)
     assert len(reasons) == 2
-    assert all(set(r) == {"direct", "comparative"} and all(isinstance(v, str) for v in r.values()) for r in reasons)
+    assert all(
+        set(r) == {"direct", "comparative", "answer"} and all(isinstance(v, str) for v in r.values()) for r in reasons
+    )
 
 
 def test_explain_cli(trained: tuple[Path, dict, pd.DataFrame], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -120,6 +120,17 @@ def test_numeric_ids_and_missing_title_are_accepted(bad_collection: Callable[[],
     assert (row.title, row.text) == ("", "numeric id, no title")
 
 
+def test_a_byte_order_mark_at_the_start_of_a_jsonl_file_is_accepted(bad_collection: Callable[[], Path]) -> None:
+    folder = bad_collection()
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        path = folder / name
+        path.write_text("\ufeff" + path.read_text(encoding="utf-8"), encoding="utf-8")
+    loaded = load_beir_folder(folder, "tiny")
+    plain = load_beir_folder(FIXTURE, "tiny")
+    assert loaded.corpus.doc_id.tolist() == plain.corpus.doc_id.tolist()
+    assert loaded.queries.query_id.tolist() == plain.queries.query_id.tolist()
+
+
 def test_qrels_without_header_and_four_column_trec_qrels(bad_collection: Callable[[], Path]) -> None:
     folder = bad_collection()
     (folder / "qrels" / "test.tsv").write_text("q1\td1\t2\nq2 0 d2 1\n", encoding="utf-8")

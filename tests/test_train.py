@@ -173,7 +173,7 @@ def test_fidelity_averages_over_lists_and_reports_each() -> None:
     )
     values = fidelity(frame)
     assert values["groups"] == 2 and values["kendall_tau"] == pytest.approx(0.0)
-    assert values["per_list"]["a"] == {"nDCG@10": 1.0, "kendall_tau": 1.0}
+    assert values["per_list"]["a"] == {"nDCG@10": 1.0, "nDCG@5": 1.0, "kendall_tau": 1.0}
     assert values["per_list"]["b"]["kendall_tau"] == pytest.approx(-1.0) and values["per_list"]["b"]["nDCG@10"] < 1
 
 

@@ -1,4 +1,5 @@
-"""prepare: load one collection into the ``corpus``, ``queries``, ``qrels`` and ``shipped_runs`` tables.
+"""prepare: load one collection into the ``corpus``, ``queries``, ``qrels`` and ``shipped_runs`` tables, from a
+BEIR-layout folder or (``format: r2r-jsonl``) a Reason-to-Rank teacher file.
 
 All four files are validated first and then written atomically, so a bad input leaves no partial table.
 """
@@ -11,12 +12,15 @@ import time
 from pipeline import schemas
 from pipeline.config import CollectionConfig, Params, Paths, PrepareConfig
 from pipeline.io import write_table
-from pipeline.sources import load_beir_folder
+from pipeline.sources import load_beir_folder, load_r2r_file
 
 
 def run(name: str, cfg: CollectionConfig, prepare: PrepareConfig, paths: Paths) -> dict:
     started = time.perf_counter()
-    collection = load_beir_folder(cfg.source, name, prepare.on_unknown_qrels)
+    if cfg.format == "r2r-jsonl":
+        collection = load_r2r_file(cfg.source, name)
+    else:
+        collection = load_beir_folder(cfg.source, name, prepare.on_unknown_qrels)
     out = paths.collection_dir(name)
     tables = {
         "corpus": collection.corpus,

@@ -3,7 +3,8 @@
 
 Methods: ``listwise`` (RankGPT's sliding window), ``pointwise`` (yes/no or graded relevance from the first
 token's log-probabilities), ``rationales`` (Reason-to-Rank: windows ranked with a direct and a comparative reason
-for every passage, as JSON) and ``imported`` (rankings from a TREC run or rank_llm output).
+for every passage, as JSON) and ``imported`` (rankings from a TREC run or rank_llm output; an R2R teacher file
+gives its rationales too).
 
 The queries are the collection's own (``teach.<name>.queries: collection``, candidates from ``retrieve``) or the
 synthesized ones (``synthetic``: ``paths.synthetic/<name>/queries.parquet``, candidates from the pool stage's
@@ -187,17 +188,7 @@ WINDOW_COLUMNS = [
 ]
 
 
-RATIONALE_COLUMNS = [
-    "query_id",
-    "doc_id",
-    "kind",
-    "text",
-    "answer_sentence",
-    "compared_doc_ids",
-    "window_rank",
-    "parse_status",
-    "call_key",
-]
+RATIONALE_COLUMNS = schemas.RATIONALE_ROW_COLUMNS
 
 
 @dataclasses.dataclass
@@ -466,11 +457,14 @@ def teach_rationales(pool: Pool, client: CachedTeacher, teacher: TeacherConfig) 
 
 def teach_imported(pool: Pool, teacher: TeacherConfig) -> TeachOutcome:
     """Every imported file's rankings of the pool's queries (documents outside the pool are kept: they are labels),
-    with each file's provenance columns (model, first_stage, template_hash)."""
+    with each file's provenance columns (model, first_stage, template_hash), and an R2R file's rationales (with
+    their file's model and template_hash)."""
     from pipeline.teacher.imported import import_files
 
-    rankings, files = import_files(teacher.imported)
-    covered = rankings[rankings.query_id.isin(set(pool.queries.query_id))]
+    labels = import_files(teacher.imported)
+    rankings, files = labels.rankings, labels.files
+    wanted = set(pool.queries.query_id)
+    covered = rankings[rankings.query_id.isin(wanted)]
     stats: dict = {"files": files, "queries_in_files": int(rankings.query_id.nunique()), "rows_in_files": len(rankings)}
     if teacher.imported.scope == "pool":
         covered = pd.concat(
@@ -478,10 +472,13 @@ def teach_imported(pool: Pool, teacher: TeacherConfig) -> TeachOutcome:
             ignore_index=True,
         )
         stats["scope"] = "pool"
+    rationales = pd.DataFrame(columns=[*RATIONALE_COLUMNS, "model", "template_hash"])
+    if labels.rationales is not None:
+        rationales = labels.rationales[labels.rationales.query_id.isin(wanted)].reset_index(drop=True)
     for summary in files:
         mine = covered[covered.template_hash == summary["sha256"]]
         summary.update(sha256=summary["sha256"][:12], queries_labelled=int(mine.query_id.nunique()))
-    return TeachOutcome(covered.reset_index(drop=True), stats)
+    return TeachOutcome(covered.reset_index(drop=True), stats, rationales=rationales)
 
 
 def rank_within_pool(rankings: pd.DataFrame, candidates: pd.DataFrame) -> pd.DataFrame:
@@ -636,12 +633,10 @@ def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, mi
     # Reason-to-Rank rationales (method "rationales"; empty for the others, so the table always exists)
     rationales_spec = schemas.TABLES["rationales"]
     rationales = outcome.rationales.assign(
-        collection=name,
-        window_rank=lambda r: r.window_rank.astype("Int32"),
-        model=model,
-        template_hash=template_hash,
-        run_id=run_id,
+        collection=name, window_rank=lambda r: r.window_rank.astype("Int32"), run_id=run_id
     )
+    if "model" not in rationales:  # imported rationales carry their own file's provenance
+        rationales = rationales.assign(model=model, template_hash=template_hash)
     write_table(rationales, rationales_spec.schema, paths.teacher_dir(name) / rationales_spec.filename)
     wall = time.perf_counter() - started
     summary = {

@@ -38,7 +38,7 @@ from pipeline.students.backbones import (
     resolve_precision,
 )
 from pipeline.students.base import StudentLoadError, TrainResult
-from pipeline.students.groups import Group, sample_indices, split_counts, training_split
+from pipeline.students.groups import Group, sample_indices, training_split
 
 log = logging.getLogger(__name__)
 
@@ -208,13 +208,13 @@ def train(
         cfg,
         run,
         examples,
-        dev_groups,
+        (train_groups, dev_groups),
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
         checkpoint_dir,
+        out_dir,
         callbacks,
     )
-    model.save_pretrained(str(out_dir))
     info = {
         "kind": KIND,
         "backbone": cfg.backbone,
@@ -222,10 +222,6 @@ def train(
         "precision": precision,
         "similarity": str(model.similarity_fn_name),
     }
-    summary.update(
-        **split_counts(train_groups, dev_groups),
-        device=str(model.device),
-    )
     return TrainResult(summary, curve, info=info)
 
 

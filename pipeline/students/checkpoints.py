@@ -20,6 +20,8 @@ import hashlib
 import json
 import logging
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +158,39 @@ def trainer_arguments(
         "report_to": "none",
         "disable_tqdm": False,
     }
+
+
+def run_training(
+    trainer: Any,
+    cfg: StudentConfig,
+    checkpoint_dir: Path,
+    resume: Path | None,
+    dev_fidelity: Callable[[], dict[str, Any]],
+    pairs_per_step: float,
+    started: float,
+) -> tuple[dict[str, Any], Any]:
+    """Run a prepared (transformers or sentence-transformers) ``trainer`` from ``resume`` (a checkpoint of this
+    run, or None), mark the run finished, and measure the dev fidelity of the weights it ends with
+    (``dev_fidelity()``: the best checkpoint when ``cfg.keep_best``). Returns (the summary's common part, the
+    trainer state): steps, best_step, resumed_from_step, train_loss, dev, pairs_per_second (over this call's
+    steps, ``pairs_per_step`` (query, passage) pairs each), seconds since ``started``."""
+    from pipeline.students.outputs import run_train_loss
+
+    first_step = resumed_step(resume)
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    state = trainer.state
+    mark_finished(checkpoint_dir, int(state.global_step))
+    dev = dev_fidelity()
+    runtime = float(output.metrics.get("train_runtime", time.perf_counter() - started))
+    pairs_seen = (int(state.global_step) - first_step) * pairs_per_step
+    summary = {
+        "steps": int(state.global_step),
+        # the saved model is the best dev checkpoint only with keep_best (else the last step's)
+        "best_step": int(state.best_global_step) if state.best_global_step and cfg.keep_best else None,
+        "resumed_from_step": first_step,
+        "train_loss": round(run_train_loss(state.log_history, float(output.training_loss), first_step), 6),
+        "dev": dev,
+        "pairs_per_second": round(pairs_seen / runtime, 2) if pairs_seen and runtime > 0 else None,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return summary, state

@@ -39,7 +39,7 @@ from pipeline.students.backbones import (
     resolve_precision,
 )
 from pipeline.students.base import StudentLoadError, TrainResult
-from pipeline.students.groups import Group, sample_indices, split_counts, training_split
+from pipeline.students.groups import Group, sample_indices, training_split
 
 log = logging.getLogger(__name__)
 
@@ -192,18 +192,14 @@ def train(
         cfg,
         run,
         examples,
-        dev_groups,
+        (train_groups, dev_groups),
         CrossEncoderTrainer,
         CrossEncoderTrainingArguments,
         checkpoint_dir,
+        out_dir,
         callbacks,
     )
-    model.save_pretrained(str(out_dir))
     info = {"kind": KIND, "backbone": cfg.backbone, "max_length": max_length, "precision": precision}
-    summary.update(
-        **split_counts(train_groups, dev_groups),
-        device=str(model.device),
-    )
     return TrainResult(summary, curve, info=info)
 
 

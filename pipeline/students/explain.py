@@ -63,7 +63,8 @@ def explain(
     device: str | None = None,
 ) -> tuple[str, list[dict]]:
     """Rerank and explain: (the query text used, one dict per passage in the student's order with rank, doc_id,
-    score, first_stage_rank, title, direct, comparative)."""
+    score, first_stage_rank, title, direct, comparative, answer ("" for a student not trained on answer
+    sentences))."""
     from pipeline.io import RunFormatError, read_trec_run
     from pipeline.sources import CollectionError, read_beir_corpus, read_beir_queries
     from pipeline.students.base import StudentLoadError, read_student_info
@@ -117,6 +118,7 @@ def explain(
             "title": _snippet(str(documents.at[doc_ids[i], "title"]), str(documents.at[doc_ids[i], "text"])),
             "direct": reason["direct"],
             "comparative": reason["comparative"],
+            "answer": reason.get("answer", ""),
         }
         for rank, (i, reason) in enumerate(zip(order, reasons, strict=True), start=1)
     ]
@@ -141,6 +143,8 @@ def format_text(query_id: str, query: str, rows: list[dict]) -> str:
         )
         lines.append(f"    direct:      {row['direct'] or '-'}")
         lines.append(f"    comparative: {row['comparative'] or '-'}")
+        if row.get("answer"):
+            lines.append(f"    answer:      {row['answer']}")
     return "\n".join(lines)
 
 
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="distillrank explain",
         description="Rerank a query's first-stage candidates with a Reason-to-Rank student and print, for each "
-        "passage, its new rank, score and the generated direct and comparative reasons.",
+        "passage, its new rank, score and the generated direct and comparative reasons (and answer sentence).",
     )
     parser.add_argument("--model", type=Path, required=True, help="an R2R student folder (kind 'r2r')")
     parser.add_argument("--collection", type=Path, required=True, help="BEIR-layout folder (corpus, queries)")

@@ -4,6 +4,7 @@ the dev groups during training (model selection), in the student's metrics and m
 - ``nDCG@10`` (``ir_measures``) of the student's scores, with the teacher's ranking as graded labels: the teacher's
   top passage gets ``min(n, 10)``, the next one less, down to 1 at the teacher's 10th (or last) place, and 0 below
   (``teacher_relevance``). It asks whether the student puts the teacher's top 10 on top, in the teacher's order.
+- ``nDCG@5``, likewise (the labels stay the teacher's top 10): does the student's top 5 hold the teacher's top 5.
 - ``kendall_tau`` between the student's scores and the teacher's order over a whole group (scipy), averaged over
   groups; a group whose scores are all tied counts as 0.
 
@@ -24,6 +25,8 @@ from pipeline.students.groups import Group
 
 HEADLINE = "nDCG@10"
 FIDELITY_DEPTH = 10
+# nDCG@5 too: Reason-to-Rank's lists are 5 passages, and a user of a top-5 reranker reads that figure
+FIDELITY_MEASURES = (HEADLINE, "nDCG@5")
 
 
 def teacher_relevance(teacher_ranks: Sequence[int] | np.ndarray, depth: int = FIDELITY_DEPTH) -> np.ndarray:
@@ -39,14 +42,14 @@ def teacher_relevance(teacher_ranks: Sequence[int] | np.ndarray, depth: int = FI
     return np.clip(top + 1 - ranks, 0, None)
 
 
-def fidelity(frame: pd.DataFrame, measures: tuple[str, ...] = (HEADLINE,)) -> dict[str, Any]:
+def fidelity(frame: pd.DataFrame, measures: tuple[str, ...] = FIDELITY_MEASURES) -> dict[str, Any]:
     """Fidelity of ``frame`` (query_id, list, doc_id, teacher_rank, score: the student's; ``list`` optional) to the
     teacher, averaged over (query, list) groups, with ``per_list`` when there are several lists.
 
     >>> f = pd.DataFrame({"query_id": ["q"] * 3, "doc_id": ["a", "b", "c"], "teacher_rank": [1, 2, 3],
     ...                   "score": [3.0, 2.0, 1.0]})
     >>> fidelity(f)
-    {'nDCG@10': 1.0, 'kendall_tau': 1.0, 'groups': 1}
+    {'nDCG@10': 1.0, 'nDCG@5': 1.0, 'kendall_tau': 1.0, 'groups': 1}
     """
     from scipy.stats import kendalltau
 
@@ -114,7 +117,7 @@ def unique_pairs(groups: Sequence[Group]) -> tuple[list[str], list[str], np.ndar
 
 
 def student_fidelity(
-    student: Any, groups: Sequence[Group], batch_size: int = 32, measures: tuple[str, ...] = (HEADLINE,)
+    student: Any, groups: Sequence[Group], batch_size: int = 32, measures: tuple[str, ...] = FIDELITY_MEASURES
 ) -> dict[str, Any]:
     """``fidelity`` of a student (anything with ``score_pairs``) on ``groups``."""
     if not groups:

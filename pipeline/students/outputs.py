@@ -113,6 +113,8 @@ def hyperparameters(cfg: Any) -> dict[str, Any]:
 def provenance_section(name: str, cfg: Any, summary: dict[str, Any], teacher: dict[str, Any]) -> str:
     """The card section every student gets: its teacher, data, training and dev fidelity."""
     dev = summary.get("dev") or {}
+    best = summary.get("best_step")
+    saved = f"the best dev checkpoint, step {best}" if best else "the last step's weights"
     rows = "\n".join(f"| {k} | {v} |" for k, v in dev.items() if not isinstance(v, dict)) or "| (no dev split) | |"
     per_list = dev.get("per_list") or {}
     list_rows = "\n".join(
@@ -133,7 +135,7 @@ def provenance_section(name: str, cfg: Any, summary: dict[str, Any], teacher: di
   {summary.get("train_groups", "?")} groups (one per query and ranked list), {summary.get("train_pairs", "?")}
   (query, passage) pairs; targets 1/(teacher_rank + 1). {summary.get("dev_queries", 0)} dev queries are held
   out in every list.
-- Training: {summary.get("steps", "?")} optimizer steps (best dev checkpoint: step {summary.get("best_step")}),
+- Training: {summary.get("steps", "?")} optimizer steps ({saved}),
   precision {summary.get("precision", "?")}, max_length {summary.get("max_length", "?")},
   {summary.get("seconds", "?")} s, {summary.get("pairs_per_second", "?")} pairs/s on {summary.get("device", "?")}
 

@@ -22,8 +22,8 @@ from pipeline.config import StudentConfig
 from pipeline.students import checkpoints
 from pipeline.students.backbones import Precision
 from pipeline.students.fidelity import HEADLINE, student_fidelity
-from pipeline.students.groups import Group
-from pipeline.students.outputs import curve_from_log_history, run_train_loss
+from pipeline.students.groups import Group, split_counts
+from pipeline.students.outputs import curve_from_log_history
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +71,19 @@ def train(
     cfg: StudentConfig,
     run: Run,
     examples: pd.DataFrame,
-    dev_groups: list[Group],
+    groups: tuple[list[Group], list[Group]],
     trainer_cls: type,
     args_cls: type,
     checkpoint_dir: Path,
+    out_dir: Path,
     callbacks: list[Any] | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Train ``run.model`` with the library's trainer (resuming a killed run), keep the best dev checkpoint, and
-    return (summary, curve). The caller saves the model."""
+    """Train ``run.model`` with the library's trainer (resuming a killed run; with ``keep_best``, ending on the
+    best dev checkpoint), save it natively to ``out_dir`` and return (summary, curve). ``groups``: the (train, dev)
+    groups of ``examples`` (``training_split``; ``run.train_rows`` come from the train ones)."""
     from datasets import Dataset
 
+    train_groups, dev_groups = groups
     started = time.perf_counter()
     fingerprint = checkpoints.fingerprint(cfg, examples, max_length=run.max_length, precision=run.precision)
     resume = checkpoints.prepare(checkpoint_dir, fingerprint)
@@ -98,25 +101,21 @@ def train(
         evaluator=evaluator,
         callbacks=callbacks,
     )
-    first_step = checkpoints.resumed_step(resume)
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    state = trainer.state
-    checkpoints.mark_finished(checkpoint_dir, int(state.global_step))
-    dev = student_fidelity(run.wrap(run.model), dev_groups) if has_dev else {}  # the best checkpoint, reloaded
-    runtime = float(output.metrics.get("train_runtime", time.perf_counter() - started))
-    steps_run = int(state.global_step) - first_step
-    rows_per_step = cfg.queries_per_batch * cfg.gradient_accumulation
-    pairs_seen = steps_run * rows_per_step * run.pairs_per_row
-    summary = {
-        "steps": int(state.global_step),
-        "best_step": int(state.best_global_step) if state.best_global_step else None,
-        "resumed_from_step": first_step,
-        "train_loss": round(run_train_loss(state.log_history, float(output.training_loss), first_step), 6),
-        "dev": dev,
-        "train_rows": len(run.train_rows),
-        "pairs_per_second": round(pairs_seen / runtime, 2) if pairs_seen and runtime > 0 else None,
-        "precision": run.precision,
-        "max_length": run.max_length,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    summary, state = checkpoints.run_training(
+        trainer,
+        cfg,
+        checkpoint_dir,
+        resume,
+        lambda: student_fidelity(run.wrap(run.model), dev_groups) if has_dev else {},
+        cfg.queries_per_batch * cfg.gradient_accumulation * run.pairs_per_row,
+        started,
+    )
+    run.model.save_pretrained(str(out_dir))
+    summary.update(
+        train_rows=len(run.train_rows),
+        precision=run.precision,
+        max_length=run.max_length,
+        **split_counts(train_groups, dev_groups),
+        device=str(run.model.device),
+    )
     return summary, curve_from_log_history(state.log_history)

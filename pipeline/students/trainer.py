@@ -30,7 +30,7 @@ from pipeline.students import checkpoints
 from pipeline.students.backbones import Precision
 from pipeline.students.fidelity import HEADLINE, student_fidelity
 from pipeline.students.groups import Group, GroupDataset, sample_indices, split_counts, training_split
-from pipeline.students.outputs import curve_from_log_history, run_train_loss
+from pipeline.students.outputs import curve_from_log_history
 
 log = logging.getLogger(__name__)
 
@@ -192,25 +192,16 @@ def train(
         kind=kind,
         dev_groups=dev_groups,
     )
-    first_step = checkpoints.resumed_step(resume)
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    state = trainer.state
-    checkpoints.mark_finished(checkpoint_dir, int(state.global_step))
-    dev = student_fidelity(kind.student(), dev_groups) if has_dev else {}  # the best checkpoint, reloaded
-    runtime = float(output.metrics.get("train_runtime", time.perf_counter() - started))
     mean_group = sum(len(g.doc_ids) for g in train_groups) / len(train_groups)
     per_group = min(mean_group, cfg.group_size or mean_group)
-    pairs_seen = (int(state.global_step) - first_step) * cfg.queries_per_batch * cfg.gradient_accumulation * per_group
-    summary = {
-        "steps": int(state.global_step),
-        "best_step": int(state.best_global_step) if state.best_global_step else None,
-        "resumed_from_step": first_step,
-        "train_loss": round(run_train_loss(state.log_history, float(output.training_loss), first_step), 6),
-        "dev": dev,
-        **split_counts(train_groups, dev_groups),
-        "pairs_per_second": round(pairs_seen / runtime, 2) if pairs_seen and runtime > 0 else None,
-        "precision": precision,
-        "seconds": round(time.perf_counter() - started, 1),
-        "device": str(kind.device),
-    }
+    summary, state = checkpoints.run_training(
+        trainer,
+        cfg,
+        checkpoint_dir,
+        resume,
+        lambda: student_fidelity(kind.student(), dev_groups) if has_dev else {},
+        cfg.queries_per_batch * cfg.gradient_accumulation * per_group,
+        started,
+    )
+    summary.update(**split_counts(train_groups, dev_groups), precision=precision, device=str(kind.device))
     return summary, curve_from_log_history(state.log_history), dev_groups

@@ -1,4 +1,5 @@
-"""Imported teacher labels: rankings a user already has, from TREC run files or rank_llm's JSON output.
+"""Imported teacher labels: rankings a user already has, from TREC run files, rank_llm's JSON output, or
+Reason-to-Rank's teacher files (``r2r-jsonl``: rankings *and* rationales, see ``pipeline.r2r_jsonl``).
 
 Several files may be imported together (``teacher.imported.files``): each names its teacher and the first stage
 it reranked, and every label keeps that provenance (``model``, ``first_stage``) with the file's sha256
@@ -14,12 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import pandas as pd
 
-from pipeline.config import ImportedConfig, ImportedFile
+from pipeline.config import ImportedConfig
 from pipeline.io import RunFormatError, read_trec_run
 
 
@@ -94,15 +96,28 @@ def read_trec_rankings(path: Path) -> pd.DataFrame:
     return run[["query_id", "doc_id", "teacher_rank", "score"]].reset_index(drop=True)
 
 
-def import_rankings(path: Path | str, fmt: Literal["trec", "rank_llm-json"]) -> pd.DataFrame:
-    """One file's rankings: (query_id, doc_id, teacher_rank, score)."""
+def import_rankings(
+    path: Path | str, fmt: Literal["trec", "rank_llm-json", "r2r-jsonl"]
+) -> tuple[pd.DataFrame, pd.DataFrame | None, dict[str, int]]:
+    """One file's rankings (query_id, doc_id, teacher_rank, score), its rationales (R2R files: RATIONALE_COLUMNS of
+    ``pipeline.r2r_jsonl``; None for the others) and its quirks (R2R files: counts; empty for the others)."""
+    from pipeline.r2r_jsonl import R2RFileError, read_r2r_jsonl
+
     path = Path(path)
     if not path.is_file():
         raise LabelsImportError(f"{path}: labels file not found (teacher.imported.files)")
-    rankings = read_trec_rankings(path) if fmt == "trec" else read_rank_llm(path)
+    rationales, quirks = None, {}
+    if fmt == "r2r-jsonl":
+        try:
+            r2r = read_r2r_jsonl(path)
+        except R2RFileError as err:
+            raise LabelsImportError(str(err)) from None
+        rankings, rationales, quirks = r2r.rankings, r2r.rationales, r2r.quirks
+    else:
+        rankings = read_trec_rankings(path) if fmt == "trec" else read_rank_llm(path)
     if rankings.empty:
         raise LabelsImportError(f"{path}: no rankings in the file")
-    return rankings
+    return rankings, rationales, quirks
 
 
 def list_name(teacher: str, first_stage: str | None) -> str:
@@ -115,30 +130,39 @@ def list_name(teacher: str, first_stage: str | None) -> str:
     return f"{teacher}@{first_stage}" if first_stage else teacher
 
 
-def import_files(cfg: ImportedConfig) -> tuple[pd.DataFrame, list[dict]]:
-    """Every file's rankings, with their provenance columns (``model`` = the file's teacher, ``first_stage``,
-    ``template_hash`` = the file's sha256), and one summary per file (path, teacher, first stage, sha256, queries,
-    rows)."""
-    frames, summaries = [], []
+@dataclass(frozen=True)
+class ImportedLabels:
+    """Every imported file's rankings and rationales (R2R files), each row with its file's provenance columns
+    (``model`` = the file's teacher, ``template_hash`` = the file's sha256; rankings also ``first_stage``), and one
+    summary per file (path, teacher, first stage, sha256, queries, rows; R2R files: rationales and quirks)."""
+
+    rankings: pd.DataFrame
+    rationales: pd.DataFrame | None
+    files: list[dict]
+
+
+def import_files(cfg: ImportedConfig) -> ImportedLabels:
+    """Read every file of ``cfg`` (see ``ImportedLabels``)."""
+    frames, reasons, summaries = [], [], []
     for file in cfg.files:
-        frame, summary = _import_one(file)
-        frames.append(frame)
+        rankings, rationales, quirks = import_rankings(file.path, file.format)
+        digest = file_hash(Path(file.path))
+        frames.append(rankings.assign(model=file.teacher, first_stage=file.first_stage, template_hash=digest))
+        summary = {
+            "path": file.path,
+            "teacher": file.teacher,
+            "first_stage": file.first_stage,
+            "format": file.format,
+            "sha256": digest,
+            "queries": int(rankings.query_id.nunique()),
+            "rows": len(rankings),
+        }
+        if rationales is not None:
+            reasons.append(rationales.assign(model=file.teacher, template_hash=digest))
+            summary.update(rationales=len(rationales), quirks=quirks)
         summaries.append(summary)
     if not frames:
         raise LabelsImportError("teacher.imported.files: no file to import")
-    return pd.concat(frames, ignore_index=True), summaries
-
-
-def _import_one(file: ImportedFile) -> tuple[pd.DataFrame, dict]:
-    rankings = import_rankings(file.path, file.format)
-    digest = file_hash(Path(file.path))
-    frame = rankings.assign(model=file.teacher, first_stage=file.first_stage, template_hash=digest)
-    summary = {
-        "path": file.path,
-        "teacher": file.teacher,
-        "first_stage": file.first_stage,
-        "sha256": digest,
-        "queries": int(rankings.query_id.nunique()),
-        "rows": len(rankings),
-    }
-    return frame, summary
+    return ImportedLabels(
+        pd.concat(frames, ignore_index=True), pd.concat(reasons, ignore_index=True) if reasons else None, summaries
+    )

@@ -14,7 +14,6 @@ from torch import nn
 
 from pipeline.students.backbones import BackboneError, Precision, autocast, forget_gguf_quantizer, resolve_backbone
 from pipeline.students.groups import Group
-from pipeline.students.r2r.reasons import parse_reason_text
 
 WEIGHT_NAMES = ("rank", "pointwise", "generation")
 MAX_QUERY_TOKENS = 64  # a query longer than this is cut, so that the passage keeps most of max_length
@@ -176,18 +175,29 @@ class R2RModel(nn.Module):
         return scores, generation
 
 
-def listnet_kl(scores: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """ListNet as KL(softmax(targets) || softmax(scores)) per group, averaged over groups ([groups, n] padded).
+def listnet_kl(
+    scores: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """ListNet as KL(softmax(targets / temperature) || softmax(scores / temperature)) per group, averaged over groups
+    ([groups, n] padded). Over 5 passages the targets 1/(rank+1) span 0.17..0.5, so at temperature 1 the teacher's
+    distribution is almost uniform (a loss near 0 whatever the order); a temperature of 0.1 makes its top passage
+    about 5 times as likely as its second. The scores share the temperature, so that ListNet and the pointwise MSE
+    (scores against the same targets) agree on one score scale instead of pulling it apart.
 
     >>> s = torch.tensor([[2.0, 1.0, 0.0]]); m = torch.ones(1, 3, dtype=torch.bool)
     >>> round(float(listnet_kl(s, s, m)), 6)
     0.0
     >>> bool(listnet_kl(torch.tensor([[0.0, 1.0, 2.0]]), s, m) > 0)
     True
+    >>> t = torch.tensor([[0.5, 0.33, 0.25]]); flat = torch.zeros(1, 3)  # a student that ranks nothing
+    >>> round(float(listnet_kl(flat, t, m)), 4), round(float(listnet_kl(flat, t, m, temperature=0.1)), 4)
+    (0.0056, 0.4559)
+    >>> round(float(listnet_kl(t, t, m, temperature=0.1)), 6)  # scores on the targets' scale: no ListNet loss
+    0.0
     """
     neg = torch.finfo(scores.dtype).min
-    log_student = F.log_softmax(scores.masked_fill(~mask, neg), dim=-1)
-    log_teacher = F.log_softmax(targets.to(scores.dtype).masked_fill(~mask, neg), dim=-1)
+    log_student = F.log_softmax((scores / temperature).masked_fill(~mask, neg), dim=-1)
+    log_teacher = F.log_softmax((targets.to(scores.dtype) / temperature).masked_fill(~mask, neg), dim=-1)
     kl = (log_teacher.exp() * (log_teacher - log_student)).masked_fill(~mask, 0.0).sum(dim=-1)
     return kl.mean()
 
@@ -199,6 +209,7 @@ def multi_objective_loss(
     generation: torch.Tensor | None,
     weights: torch.Tensor,
     learned: bool,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The R2R loss over padded groups ([groups, n]) and its parts (for logging).
 
@@ -209,7 +220,7 @@ def multi_objective_loss(
     >>> float(total), parts["loss_generation"], parts["weight_generation"]
     (1.0, 2.0, 0.5)
     """
-    rank = listnet_kl(scores, targets, mask)
+    rank = listnet_kl(scores, targets, mask, temperature)
     pointwise = ((scores - targets.to(scores.dtype)) ** 2).masked_select(mask).mean()
     terms = [rank, pointwise] + ([generation] if generation is not None else [])
     total = sum(w * term for w, term in zip(weights, terms, strict=False))
@@ -271,8 +282,10 @@ class R2RCollator:
         }
 
 
-def group_loss(model: R2RModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """The multi-objective loss of one collated batch."""
+def group_loss(
+    model: R2RModel, batch: dict[str, torch.Tensor], temperature: float = 1.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The multi-objective loss of one collated batch (``temperature``: ListNet's, on the teacher's targets)."""
     scores, generation = model(
         batch["input_ids"], batch["attention_mask"], rank_positions=batch["rank_positions"], labels=batch["labels"]
     )
@@ -280,7 +293,7 @@ def group_loss(model: R2RModel, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     padded = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
     padded[mask] = scores  # groups are laid out group-major, as the collator flattened them
     return multi_objective_loss(
-        padded.float(), batch["targets"].float(), mask, generation, model.weights(), model.learn_weights
+        padded.float(), batch["targets"].float(), mask, generation, model.weights(), model.learn_weights, temperature
     )
 
 
@@ -323,7 +336,7 @@ def score_prompts(
     return out
 
 
-def generate_reasons(
+def generate_texts(
     model: R2RModel,
     encoder: PromptEncoder,
     query: str | Sequence[str],
@@ -331,16 +344,18 @@ def generate_reasons(
     max_new_tokens: int,
     batch_size: int = 8,
     precision: Precision = "fp32",
-) -> list[dict[str, str]]:
-    """Greedy generation of each passage's reasons after its prompt. ``query``: one query for all passages, or
-    one per passage (batches then mix queries, e.g. for the faithfulness sample)."""
+) -> list[tuple[str, bool]]:
+    """Greedy generation after each passage's prompt: (the text, whether generation stopped by itself before
+    ``max_new_tokens``); ``reasons.parse_reason_text`` splits a text into its direct, comparative and answer parts.
+    ``query``: one query for all passages, or one per passage (batches then mix queries, e.g. for the
+    faithfulness check)."""
     queries = [query] * len(passages) if isinstance(query, str) else list(query)
     if len(queries) != len(passages):
         raise ValueError(f"{len(queries)} queries for {len(passages)} passages")
     tok = encoder.tokenizer
     device = next(model.parameters()).device
     backbone = model.backbone
-    results: list[dict[str, str]] = []
+    results: list[tuple[str, bool]] = []
     was_training = model.training
     model.eval()
     try:
@@ -366,8 +381,9 @@ def generate_reasons(
                 )
                 if encoder.architecture == "causal":
                     generated = generated[:, width:]
+                finished = (generated == tok.eos_token_id).any(dim=1).tolist()
                 texts = tok.batch_decode(generated, skip_special_tokens=True)
-                results.extend(parse_reason_text(text) for text in texts)
+                results.extend(zip(texts, finished, strict=True))
     finally:
         model.train(was_training)
     return results

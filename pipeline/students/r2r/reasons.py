@@ -1,5 +1,5 @@
 """Reason-to-Rank's reasons as text: the generation target, parsing what the student generates, and the pure
-measures of faithfulness (ROUGE-L, answer sentences found in their passage)."""
+measures of faithfulness (ROUGE-L, well-formed explanations, answer sentences found in their passage)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ import numpy as np
 import pandas as pd
 
 
-def reason_text(direct: str | None, comparative: str | None) -> str | None:
-    """The generation target for one passage: ``Direct: … Comparative: …`` (None when there is no reason).
+def reason_text(direct: str | None, comparative: str | None, answer: str | None = None) -> str | None:
+    """The generation target for one passage: ``Direct: … Comparative: …`` and, when given, `` Answer: …`` (the
+    answer sentence; None when there is no reason).
 
     >>> reason_text("It names the waggle dance.", "Ranks above d2, which is about volcanoes.")
     'Direct: It names the waggle dance. Comparative: Ranks above d2, which is about volcanoes.'
-    >>> reason_text("Only direct.", None), reason_text(None, "  "), reason_text(None, None)
+    >>> reason_text("On bees.", "Above d2.", "Bees dance.")
+    'Direct: On bees. Comparative: Above d2. Answer: Bees dance.'
+    >>> reason_text("Only direct.", None), reason_text(None, "  "), reason_text(None, None, "x")
     ('Direct: Only direct.', None, None)
     """
     parts = []
@@ -23,32 +26,51 @@ def reason_text(direct: str | None, comparative: str | None) -> str | None:
         parts.append(f"Direct: {direct.strip()}")
     if comparative and comparative.strip():
         parts.append(f"Comparative: {comparative.strip()}")
+    if parts and answer and answer.strip():
+        parts.append(f"Answer: {answer.strip()}")
     return " ".join(parts) if parts else None
 
 
-_COMPARATIVE = re.compile(r"comparative\s*:", re.IGNORECASE)
-_DIRECT = re.compile(r"^\s*direct\s*:", re.IGNORECASE)
+_MARKERS = re.compile(r"\b(direct|comparative|answer)\s*:", re.IGNORECASE)
 
 
 def parse_reason_text(text: str) -> dict[str, str]:
-    """Split a generated ``Direct: … Comparative: …`` text into its two reasons (case and spacing tolerant).
+    """Split a generated ``Direct: … Comparative: … Answer: …`` text into its parts (case and spacing tolerant;
+    a part that is missing is ""). Text before any marker is the direct reason.
 
     >>> parse_reason_text(" Direct: about bees. Comparative: better than d2.")
-    {'direct': 'about bees.', 'comparative': 'better than d2.'}
-    >>> parse_reason_text("direct : only this")
-    {'direct': 'only this', 'comparative': ''}
+    {'direct': 'about bees.', 'comparative': 'better than d2.', 'answer': ''}
+    >>> parse_reason_text("direct : only this Answer: Bees dance.")
+    {'direct': 'only this', 'comparative': '', 'answer': 'Bees dance.'}
     >>> parse_reason_text("no markers at all")
-    {'direct': 'no markers at all', 'comparative': ''}
+    {'direct': 'no markers at all', 'comparative': '', 'answer': ''}
     """
-    head, _, tail = _split_comparative(text)
-    return {"direct": _DIRECT.sub("", head).strip(), "comparative": tail.strip()}
+    parts = {"direct": "", "comparative": "", "answer": ""}
+    matches = list(_MARKERS.finditer(text))
+    head = text[: matches[0].start()] if matches else text
+    if head.strip():
+        parts["direct"] = head.strip()
+    for i, match in enumerate(matches):
+        following = matches[i + 1] if i + 1 < len(matches) else None
+        kind = match.group(1).lower()
+        body = text[match.end() : following.start() if following else len(text)].strip()
+        if not parts[kind]:  # the first occurrence of a part counts
+            parts[kind] = body
+    return parts
 
 
-def _split_comparative(text: str) -> tuple[str, str, str]:
-    match = _COMPARATIVE.search(text)
-    if match is None:
-        return text, "", ""
-    return text[: match.start()], match.group(0), text[match.end() :]
+def well_formed(parts: dict[str, str], finished: bool, min_words: int = 3) -> bool:
+    """A generated explanation is well formed when its comparative reason has at least ``min_words`` words, its
+    direct reason is not empty, and generation stopped by itself (not at the token limit).
+
+    >>> well_formed({"direct": "On bees.", "comparative": "Ranks above d2."}, True)
+    True
+    >>> well_formed({"direct": "On bees.", "comparative": "Ranks above d2."}, False)
+    False
+    >>> well_formed({"direct": "On bees.", "comparative": ""}, True)
+    False
+    """
+    return finished and bool(parts.get("direct", "").strip()) and len(parts.get("comparative", "").split()) >= min_words
 
 
 def rouge_l_f1(generated: str, reference: str) -> float:
@@ -87,17 +109,44 @@ def _normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u00a0": " "})
+_ANSWER_PREFIX = re.compile(
+    r"^\s*(answer( sentence)?|the (passage|text|document) (states|says|mentions)( that)?|according to the passage,?)"
+    r"\s*:?\s*",
+    re.IGNORECASE,
+)
+_NON_WORD = re.compile(r"[^0-9a-z]+")
+
+
+def matching_form(text: str) -> str:
+    """The form in which an answer sentence is looked for in its passage: curly quotes made straight, a leading
+    "Answer:" / "The passage states:" dropped, then lower case with every run of characters other than letters
+    and digits (quotes, punctuation, ellipses, spacing) made one space.
+
+    >>> matching_form('The passage states: \u201cHoney bees\u2019 dance...\u201d')
+    'honey bees dance'
+    >>> matching_form("Answer: Bees  DANCE.")
+    'bees dance'
+    """
+    text = _ANSWER_PREFIX.sub("", text.translate(_QUOTES))
+    return " ".join(_NON_WORD.sub(" ", text.lower()).split())
+
+
 def answer_sentence_in_passage(answer_sentence: str | None, passage: str) -> bool:
-    """Whether the teacher's answer sentence occurs in the passage (case- and whitespace-insensitive substring).
+    """Whether an answer sentence occurs in the passage, compared in ``matching_form`` (quotes, prefixes such as
+    "The passage states:", case, punctuation and spacing do not count).
 
     >>> answer_sentence_in_passage("Honey bees  COMMUNICATE", "Honey bees communicate the location of flowers.")
+    True
+    >>> answer_sentence_in_passage('The passage states: "honey bees communicate."', "Honey bees communicate.")
     True
     >>> answer_sentence_in_passage("bees sing", "Honey bees communicate."), answer_sentence_in_passage("", "x")
     (False, False)
     """
     if not answer_sentence or not answer_sentence.strip():
         return False
-    return _normalise(answer_sentence) in _normalise(passage)
+    needle = matching_form(answer_sentence)
+    return bool(needle) and needle in matching_form(passage)
 
 
 def answer_support_rate(answer_sentences: Sequence[str | None], passages: Sequence[str]) -> float:
@@ -116,9 +165,9 @@ def answer_support_rate(answer_sentences: Sequence[str | None], passages: Sequen
 
 def teacher_reasons(rationales: pd.DataFrame | None) -> dict[tuple[str, str], dict[str, str]]:
     """(query_id, doc_id) → the teacher's reasons by kind (``{"direct": …, "comparative": …}``, only the kinds
-    present), from the RATIONALES table. Failed parses and empty texts are skipped; when overlapping windows gave
-    a passage several reasons of a kind, the one from the window where it ranked highest (lowest window_rank) is
-    kept.
+    present; ``"answer"``: the answer sentence, when there is one), from the RATIONALES table. Failed parses and
+    empty texts are skipped; when overlapping windows gave a passage several reasons of a kind, the one from the
+    window where it ranked highest (lowest window_rank) is kept.
 
     >>> frame = pd.DataFrame({"query_id": ["q", "q", "q", "q"], "doc_id": ["d", "d", "e", "d"],
     ...     "kind": ["direct", "comparative", "direct", "direct"], "text": ["on topic", "above e", "", "later"],
@@ -135,25 +184,34 @@ def teacher_reasons(rationales: pd.DataFrame | None) -> dict[tuple[str, str], di
     if "window_rank" in frame:
         frame = frame.sort_values("window_rank", kind="stable", na_position="last")
     first = frame.drop_duplicates(["query_id", "doc_id", "kind"])
+    answers = first["answer_sentence"] if "answer_sentence" in first else pd.Series(None, index=first.index)
     texts: dict[tuple[str, str], dict[str, str]] = {}
-    for q, d, kind, text in zip(first.query_id, first.doc_id, first.kind, first.text, strict=True):
-        texts.setdefault((str(q), str(d)), {})[str(kind)] = str(text).strip()
+    for q, d, kind, text, answer in zip(first.query_id, first.doc_id, first.kind, first.text, answers, strict=True):
+        reasons = texts.setdefault((str(q), str(d)), {})
+        reasons[str(kind)] = str(text).strip()
+        if isinstance(answer, str) and answer.strip() and "answer" not in reasons:
+            reasons["answer"] = answer.strip()
     return texts
 
 
-def reason_targets(rationales: pd.DataFrame | None) -> dict[tuple[str, str], str]:
-    """(query_id, doc_id) → the ``Direct: … Comparative: …`` target, from the RATIONALES table (the reasons of
-    ``teacher_reasons``).
+def reason_targets(rationales: pd.DataFrame | None, with_answer: bool = False) -> dict[tuple[str, str], str]:
+    """(query_id, doc_id) → the ``Direct: … Comparative: …`` target (with ``Answer: …`` when ``with_answer`` and
+    the teacher gave an answer sentence), from the RATIONALES table (the reasons of ``teacher_reasons``).
 
     >>> frame = pd.DataFrame({"query_id": ["q", "q", "q"], "doc_id": ["d", "d", "e"],
     ...     "kind": ["direct", "comparative", "direct"], "text": ["on topic", "above e", ""],
+    ...     "answer_sentence": ["Bees dance.", "Bees dance.", None],
     ...     "parse_status": ["ok", "ok", "ok"], "window_rank": [1, 1, 2]})
     >>> reason_targets(frame)
     {('q', 'd'): 'Direct: on topic Comparative: above e'}
+    >>> reason_targets(frame, with_answer=True)
+    {('q', 'd'): 'Direct: on topic Comparative: above e Answer: Bees dance.'}
     """
     out = {}
     for key, kinds in teacher_reasons(rationales).items():
-        target = reason_text(kinds.get("direct"), kinds.get("comparative"))
+        target = reason_text(
+            kinds.get("direct"), kinds.get("comparative"), kinds.get("answer") if with_answer else None
+        )
         if target:
             out[key] = target
     return out

@@ -25,12 +25,12 @@ from pipeline.students.r2r.model import (
     R2RError,
     R2RModel,
     _ensure_special_tokens,
-    generate_reasons,
+    generate_texts,
     group_loss,
     load_backbone,
     score_prompts,
 )
-from pipeline.students.r2r.reasons import reason_targets
+from pipeline.students.r2r.reasons import parse_reason_text, reason_targets
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,11 @@ class R2RStudent:
         return self.score_pairs([query] * len(passages), list(passages), batch_size)
 
     def explain(self, query: str, passages: Sequence[str], max_new_tokens: int | None = None) -> list[dict[str, str]]:
-        """Each passage's generated reasons: ``[{"direct": …, "comparative": …}, …]`` (greedy)."""
+        """Each passage's generated reasons: ``[{"direct": …, "comparative": …, "answer": …}, …]`` (greedy; "answer"
+        is "" for a student not trained on answer sentences)."""
         limit = max_new_tokens or int(self.info.get("max_reason_tokens", 64)) + 8
-        return generate_reasons(self.model, self.encoder, query, list(passages), limit, precision=self.precision)
+        texts = generate_texts(self.model, self.encoder, query, list(passages), limit, precision=self.precision)
+        return [parse_reason_text(text) for text, _ in texts]
 
 
 def save(model: R2RModel, tokenizer: Any, folder: Path) -> None:
@@ -111,8 +113,17 @@ class R2RKind:
     """``trainer.LMKind`` for Reason-to-Rank: prompt + reason tokens in one pass, the multi-objective loss (its parts
     and weights go to the logs), and the learned loss weights in an optimizer group of their own."""
 
-    def __init__(self, model: R2RModel, tokenizer: Any, encoder: PromptEncoder, reasons: dict, precision: Precision):
+    def __init__(
+        self,
+        model: R2RModel,
+        tokenizer: Any,
+        encoder: PromptEncoder,
+        reasons: dict,
+        precision: Precision,
+        rank_temperature: float = 1.0,
+    ):
         self.model = model
+        self.rank_temperature = rank_temperature
         self.tokenizer = tokenizer
         self.encoder = encoder
         self.device = next(model.parameters()).device
@@ -123,7 +134,7 @@ class R2RKind:
         return self._collate(groups)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        return group_loss(model, batch)
+        return group_loss(model, batch, self.rank_temperature)
 
     def student(self) -> R2RStudent:
         return R2RStudent(self.model, self.encoder, {}, self.precision)
@@ -139,6 +150,7 @@ def card_section(info: dict, summary: dict) -> str:
     """The R2R part of the model card: how it ranks and explains, its loss weights and reason faithfulness."""
     weights = ", ".join(f"{k} {v:.3f}" for k, v in summary.get("final_weights", {}).items())
     faith = summary.get("faithfulness") or {}
+    dev = summary.get("dev") or {}
     return f"""
 ## Reason-to-Rank
 
@@ -147,14 +159,20 @@ each ranking decision (Reason-to-Rank, arXiv 2410.05168).
 
 - Ranking: a linear rank head (`{RANK_HEAD_FILE}`) on the hidden state of the prompt's last token, for the prompt
   `{info["prompt"]}` (at most {info["max_length"]} tokens; the passage is cut).
-- Explanations: greedy generation after the prompt of `Direct: <reason> Comparative: <reason>`.
-- Loss: ListNet + pointwise MSE on the teacher's targets 1/(teacher_rank+1) + reason cross-entropy,
+- Explanations: greedy generation after the prompt of `{info["reason_format"]}`.
+- Loss: ListNet (teacher targets at temperature {info.get("rank_temperature", 1.0)}) + pointwise MSE on the
+  teacher's targets 1/(teacher_rank+1) + reason cross-entropy,
   weights {"learned (sigmoid, with -log w regulariser)" if info.get("learn_weights") else "fixed"}; final weights:
   {weights or "n/a"}.
 - Passages with reasons: {summary.get("passages_with_reasons")} of {summary.get("train_pairs")} training pairs.
-- Faithfulness on {faith.get("passages", 0)} dev passages with teacher reasons: ROUGE-L F1 against the teacher's
-  direct reasons {faith.get("rouge_l_direct")}, comparative reasons {faith.get("rouge_l_comparative")}; teacher
-  answer sentences found in their passage: {faith.get("teacher_answer_support")}.
+- Faithfulness on {faith.get("passages", 0)} dev passages with teacher reasons (queries never trained on): ROUGE-L
+  F1 against the teacher's direct reasons {faith.get("rouge_l_direct")}, comparative reasons
+  {faith.get("rouge_l_comparative")}; well-formed explanations {faith.get("well_formed")}; the student's answer
+  sentences found in their passage {faith.get("student_answer_support")} (of {faith.get("student_answer_sentences")}),
+  the teacher's {faith.get("teacher_answer_support")} (quotes, a leading "The passage states:", case and punctuation
+  ignored).
+- Ranking on the dev queries, against the teacher's order: nDCG@10 {dev.get("nDCG@10")}, nDCG@5
+  {dev.get("nDCG@5")}, Kendall's tau {dev.get("kendall_tau")} ({dev.get("groups")} groups).
 
 `distillrank explain --model <folder> ...` prints a reranking with its reasons.
 """
@@ -178,7 +196,7 @@ def train(
     if missing:
         raise R2RError(f"training examples lack columns {sorted(missing)}")
     set_seed(cfg.seed)
-    reasons = reason_targets(rationales)
+    reasons = reason_targets(rationales, with_answer=cfg.r2r.answer_sentence)
     backbone, tokenizer, architecture = load_backbone(cfg.init_from or cfg.backbone)
     r2r = cfg.r2r
     model = R2RModel(backbone, architecture, r2r.learn_weights, r2r.initial_weight, r2r.fixed_weights)
@@ -187,13 +205,13 @@ def train(
     precision = resolve_precision(cfg.precision, device_)
     max_length = 256 if cfg.max_length == "auto" else int(cfg.max_length)
     encoder = PromptEncoder(tokenizer, architecture, max_length, r2r.max_reason_tokens)
-    kind = R2RKind(model, tokenizer, encoder, reasons, precision)
+    kind = R2RKind(model, tokenizer, encoder, reasons, precision, r2r.rank_temperature)
     summary, curve, _ = trainer.train(
         name, cfg, kind, examples, checkpoint_dir, precision, callbacks, rationales=len(reasons)
     )
     # the best checkpoint is loaded (load_best_model_at_end): its reasons are the ones the saved student gives
     faithfulness = measure_faithfulness(
-        model, encoder, examples, rationales, r2r.max_reason_tokens, seed=cfg.seed, name=name
+        model, encoder, examples, rationales, r2r.max_reason_tokens, cfg.seed, r2r.faithfulness_passages, name
     )
     weights = model.weights().detach().float().cpu().tolist()
     train_keys = examples[examples["split"] == "train"][["query_id", "doc_id"]].drop_duplicates()
@@ -204,9 +222,11 @@ def train(
         "max_length": max_length,
         "max_reason_tokens": r2r.max_reason_tokens,
         "prompt": PROMPT,
-        "reason_format": "Direct: {direct} Comparative: {comparative}",
+        "reason_format": "Direct: {direct} Comparative: {comparative}"
+        + (" Answer: {answer sentence}" if r2r.answer_sentence else ""),
         "score": "rank_head(hidden state of the prompt's last token)",
         "learn_weights": r2r.learn_weights,
+        "rank_temperature": r2r.rank_temperature,
         "loss_weights": dict(zip(WEIGHT_NAMES, weights, strict=True)),
         "precision": precision,
     }
