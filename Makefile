@@ -42,8 +42,9 @@ run: install
 	@echo "  students:      data/students/<student>/ (plots/training/<student>.png: training curves)"
 	@echo "  tables (SQL):  $(VENV)/bin/distillrank sql \"SELECT * FROM candidates LIMIT 5\"   or   make sql"
 
-# A preset (presets/<name>.yaml: strong-teacher, r2r, full) replaces params.yaml and runs the DAG; DVC's run
-# cache brings the default's outputs back without recomputing after `git checkout params.yaml && dvc repro`.
+# A preset (presets/<name>.yaml: recorded-teacher, strong-teacher, r2r, r2r-embedded, full) replaces params.yaml
+# and runs the DAG; DVC's run cache brings the default's outputs back without recomputing after
+# `git checkout params.yaml && dvc repro`.
 preset: install
 	@test -f "presets/$(PRESET).yaml" || { echo "usage: make preset PRESET=<name>  (one of: $$(ls presets | sed 's/.yaml//' | tr '\n' ' '))"; exit 2; }
 	cp presets/$(PRESET).yaml params.yaml

@@ -213,7 +213,8 @@ def test_student_rerank_and_evaluation(reproduced: Reproduced) -> None:
     student_metrics = json.loads((repo / f"metrics/students/{STUDENT}.json").read_text())
     assert student_metrics["dev_queries"] >= 1 and student_metrics["steps"] == 4
     dev = student_metrics["dev"]  # fidelity to the teacher on the dev split
-    assert set(dev) == {"nDCG@10", "kendall_tau", "groups"} and 0.0 < dev["nDCG@10"] <= 1.0
+    assert set(dev) == {"nDCG@10", "nDCG@5", "kendall_tau", "groups"} and 0.0 < dev["nDCG@10"] <= 1.0
+    assert 0.0 < dev["nDCG@5"] <= 1.0
     assert (repo / f"plots/training/{STUDENT}.csv").is_file()
 
     reranked = pd.read_parquet(repo / f"data/reranked/{STUDENT}/reranked.parquet")
