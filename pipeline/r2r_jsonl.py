@@ -36,9 +36,7 @@ import pandas as pd
 
 from pipeline.schemas import RATIONALE_ROW_COLUMNS
 
-FORMAT = "r2r-jsonl"
 RANKINGS_COLUMNS = ["query_id", "doc_id", "teacher_rank", "score"]
-RATIONALE_COLUMNS = RATIONALE_ROW_COLUMNS  # the rationales table's columns, less the teach stage's own
 
 
 class R2RFileError(ValueError):
@@ -50,8 +48,9 @@ class R2RFile:
     """Everything one R2R teacher file holds, as the pipeline's columns.
 
     ``corpus`` (doc_id, title, text), ``queries`` (query_id, text), ``first_stage`` (query_id, doc_id, rank: the
-    order the teacher saw), ``rankings`` (query_id, doc_id, teacher_rank, score), ``rationales`` (RATIONALE_COLUMNS:
-    a ``direct`` and a ``comparative`` row per passage), ``quirks`` (counts), ``sha256`` (the file's)."""
+    order the teacher saw), ``rankings`` (query_id, doc_id, teacher_rank, score), ``rationales``
+    (``schemas.RATIONALE_ROW_COLUMNS``: a ``direct`` and a ``comparative`` row per passage), ``quirks`` (counts),
+    ``sha256`` (the file's)."""
 
     corpus: pd.DataFrame
     queries: pd.DataFrame
@@ -273,7 +272,7 @@ def read_r2r_jsonl(path: Path | str) -> R2RFile:
         queries=pd.DataFrame([(r.query_id, r.query) for r in records], columns=["query_id", "text"]),
         first_stage=pd.DataFrame(first_rows, columns=["query_id", "doc_id", "rank"]),
         rankings=pd.DataFrame(ranking_rows, columns=RANKINGS_COLUMNS),
-        rationales=pd.DataFrame(rationale_rows, columns=RATIONALE_COLUMNS),
+        rationales=pd.DataFrame(rationale_rows, columns=RATIONALE_ROW_COLUMNS),
         quirks=quirks,
         sha256=digest,
     )

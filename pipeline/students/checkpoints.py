@@ -29,6 +29,9 @@ import pandas as pd
 
 from pipeline.config import StudentConfig
 from pipeline.io import write_json
+from pipeline.students.fidelity import student_fidelity
+from pipeline.students.groups import Group
+from pipeline.students.outputs import run_train_loss
 
 log = logging.getLogger(__name__)
 
@@ -165,22 +168,22 @@ def run_training(
     cfg: StudentConfig,
     checkpoint_dir: Path,
     resume: Path | None,
-    dev_fidelity: Callable[[], dict[str, Any]],
+    student: Callable[[], Any],
+    dev_groups: list[Group],
     pairs_per_step: float,
     started: float,
 ) -> tuple[dict[str, Any], Any]:
     """Run a prepared (transformers or sentence-transformers) ``trainer`` from ``resume`` (a checkpoint of this
-    run, or None), mark the run finished, and measure the dev fidelity of the weights it ends with
-    (``dev_fidelity()``: the best checkpoint when ``cfg.keep_best``). Returns (the summary's common part, the
-    trainer state): steps, best_step, resumed_from_step, train_loss, dev, pairs_per_second (over this call's
-    steps, ``pairs_per_step`` (query, passage) pairs each), seconds since ``started``."""
-    from pipeline.students.outputs import run_train_loss
-
+    run, or None), mark the run finished, and measure the fidelity on ``dev_groups`` of the weights it ends with
+    (``student()``: the trained model as a ``Student``; the best checkpoint when ``cfg.keep_best``). Returns (the
+    summary's common part, the trainer state): steps, best_step, resumed_from_step, train_loss, dev,
+    pairs_per_second (over this call's steps, ``pairs_per_step`` (query, passage) pairs each), seconds since
+    ``started``."""
     first_step = resumed_step(resume)
     output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     state = trainer.state
     mark_finished(checkpoint_dir, int(state.global_step))
-    dev = dev_fidelity()
+    dev = student_fidelity(student(), dev_groups) if dev_groups else {}
     runtime = float(output.metrics.get("train_runtime", time.perf_counter() - started))
     pairs_seen = (int(state.global_step) - first_step) * pairs_per_step
     summary = {

@@ -106,7 +106,8 @@ def train(
         cfg,
         checkpoint_dir,
         resume,
-        lambda: student_fidelity(run.wrap(run.model), dev_groups) if has_dev else {},
+        lambda: run.wrap(run.model),
+        dev_groups,
         cfg.queries_per_batch * cfg.gradient_accumulation * run.pairs_per_row,
         started,
     )

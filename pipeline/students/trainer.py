@@ -199,7 +199,8 @@ def train(
         cfg,
         checkpoint_dir,
         resume,
-        lambda: student_fidelity(kind.student(), dev_groups) if has_dev else {},
+        kind.student,
+        dev_groups,
         cfg.queries_per_batch * cfg.gradient_accumulation * per_group,
         started,
     )

@@ -99,8 +99,9 @@ def read_trec_rankings(path: Path) -> pd.DataFrame:
 def import_rankings(
     path: Path | str, fmt: Literal["trec", "rank_llm-json", "r2r-jsonl"]
 ) -> tuple[pd.DataFrame, pd.DataFrame | None, dict[str, int]]:
-    """One file's rankings (query_id, doc_id, teacher_rank, score), its rationales (R2R files: RATIONALE_COLUMNS of
-    ``pipeline.r2r_jsonl``; None for the others) and its quirks (R2R files: counts; empty for the others)."""
+    """One file's rankings (query_id, doc_id, teacher_rank, score), its rationales (R2R files, read by
+    ``pipeline.r2r_jsonl``: ``schemas.RATIONALE_ROW_COLUMNS``; None for the others) and its quirks (R2R files:
+    counts; empty for the others)."""
     from pipeline.r2r_jsonl import R2RFileError, read_r2r_jsonl
 
     path = Path(path)

@@ -105,11 +105,6 @@ def mean_rouge_l(generated: Sequence[str], references: Sequence[str]) -> float:
     return float(np.mean([scorer.score(r, g)["rougeL"].fmeasure for g, r in zip(generated, references, strict=True)]))
 
 
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u00a0": " "})
 _ANSWER_PREFIX = re.compile(
     r"^\s*(answer( sentence)?|the (passage|text|document) (states|says|mentions)( that)?|according to the passage,?)"
     r"\s*:?\s*",
@@ -119,16 +114,16 @@ _NON_WORD = re.compile(r"[^0-9a-z]+")
 
 
 def matching_form(text: str) -> str:
-    """The form in which an answer sentence is looked for in its passage: curly quotes made straight, a leading
-    "Answer:" / "The passage states:" dropped, then lower case with every run of characters other than letters
-    and digits (quotes, punctuation, ellipses, spacing) made one space.
+    """The form in which an answer sentence is looked for in its passage: a leading "Answer:" / "The passage
+    states:" dropped, then lower case with every run of characters other than ASCII letters and digits (straight
+    and curly quotes, punctuation, ellipses, spacing) made one space.
 
     >>> matching_form('The passage states: \u201cHoney bees\u2019 dance...\u201d')
     'honey bees dance'
     >>> matching_form("Answer: Bees  DANCE.")
     'bees dance'
     """
-    text = _ANSWER_PREFIX.sub("", text.translate(_QUOTES))
+    text = _ANSWER_PREFIX.sub("", text)
     return " ".join(_NON_WORD.sub(" ", text.lower()).split())
 
 
