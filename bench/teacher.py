@@ -10,6 +10,10 @@
    replaying its loop), for a first run and a re-run (the cache makes the re-run free; RankGPT pays again).
 3. Throughput of the cached client with 1, 4 and 16 concurrent calls against the local test server with an
    artificial latency.
+4. ``--embedded-options``: llama.cpp's speed options for the embedded pointwise teacher (threads, flash attention,
+   batch sizes, parallel slots), each on the same ``--option-pairs`` DL19 (query, BM25 passage) prompts, in
+   calls/s, with the largest change of the yes/no log-odds against the default options (an option is usable only
+   if it leaves the answers unchanged: 1e-3). No cache: every call is made.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pipeline.sources import load_beir_folder  # noqa: E402
 from pipeline.stages.teach import Pool, teach_listwise, teach_pointwise, teacher_endpoint  # noqa: E402
 from pipeline.teacher.cache import TeacherCache  # noqa: E402
 from pipeline.teacher.client import CachedTeacher  # noqa: E402
+from pipeline.teacher.embedded import ServerOptions  # noqa: E402
 from pipeline.teacher.listwise import count_rankgpt_calls, sliding_windows  # noqa: E402
 from pipeline.teacher.templates import load_template  # noqa: E402
 
@@ -100,6 +105,61 @@ def bench_embedded(args: argparse.Namespace) -> None:
         )
 
 
+OPTION_SETS = {
+    "default (flash auto, 1 slot, ubatch 512)": (2, ServerOptions()),
+    "flash attention off": (2, ServerOptions(flash_attention="off")),
+    "ubatch 128": (2, ServerOptions(batch=128, ubatch=128)),
+    "2 slots, unified KV, 2 concurrent": (2, ServerOptions(parallel=2, kv_unified=True)),
+    "4 slots, unified KV, 4 concurrent": (2, ServerOptions(parallel=4, kv_unified=True)),
+}
+
+
+def bench_embedded_options(pairs: int, max_words: int) -> None:
+    """calls/s of the embedded pointwise teacher under each of ``OPTION_SETS``, and whether its answers change."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import openai
+
+    from pipeline.teacher.embedded import assemble_model, embedded_server
+    from pipeline.teacher.pointwise import pointwise_messages, yes_no_score
+
+    pool, _ = dl19_pool(max(1, pairs // 10), 10)
+    texts = pool.queries.set_index("query_id").text
+    template = load_template("pointwise-yes-no")
+    prompts = [
+        pointwise_messages(template, texts[q], passage, max_words)
+        for q, passage in zip(pool.candidates.query_id, pool.candidates.passage, strict=True)
+    ][:pairs]
+    model_file = assemble_model(REPO / "data" / "models")
+
+    def ask(client: openai.OpenAI, messages: list[dict[str, str]]) -> float:
+        reply = client.chat.completions.create(
+            model="embedded", messages=messages, max_tokens=1, temperature=0.0, seed=0, logprobs=True, top_logprobs=20
+        )
+        top = reply.choices[0].logprobs.content[0].top_logprobs
+        return yes_no_score([{"token": t.token, "logprob": t.logprob} for t in top]).score
+
+    print(f"\n## Embedded pointwise teacher: llama.cpp options, {len(prompts)} DL19 prompts, no cache")
+    print("| options | threads | calls/s | s/call | x default | max abs change of the yes/no log-odds |")
+    print("|---|---|---|---|---|---|")
+    reference, base_rate = None, None
+    for name, (threads, options) in OPTION_SETS.items():
+        with embedded_server(model_file, 4096, threads, options) as base_url:
+            client = openai.OpenAI(base_url=base_url, api_key="unused")
+            ask(client, prompts[0])  # model warm-up, not timed
+            started = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=options.parallel) as executor:
+                scores = np.array(list(executor.map(ask, [client] * len(prompts), prompts)))
+            wall = time.perf_counter() - started
+        reference = scores if reference is None else reference
+        rate = len(prompts) / wall
+        base_rate = base_rate or rate
+        change = float(np.abs(scores - reference).max())
+        per_call = wall / len(prompts)
+        print(f"| {name} | {threads} | {rate:.3f} | {per_call:.2f} | {rate / base_rate:.2f} | {change:.1e} |")
+
+
 def _paths():
     from pipeline.config import Paths
 
@@ -143,7 +203,12 @@ def main() -> None:
     parser.add_argument("--skip-embedded", action="store_true")
     parser.add_argument("--throughput-calls", type=int, default=48)
     parser.add_argument("--latency", type=float, default=0.2)
+    parser.add_argument("--embedded-options", action="store_true", help="only section 4 (llama.cpp's options)")
+    parser.add_argument("--option-pairs", type=int, default=50)
     args = parser.parse_args()
+    if args.embedded_options:
+        bench_embedded_options(args.option_pairs, args.max_words)
+        return
     bench_calls()
     bench_throughput(args.throughput_calls, args.latency)
     if not args.skip_embedded:

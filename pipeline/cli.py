@@ -24,7 +24,12 @@ STAGES = (
     "evaluate",
 )
 # Commands with their own module: distillrank <command> --help
-TOOLS = {"rerank": "pipeline.rerank", "explain": "pipeline.students.explain", "report": "pipeline.report"}
+TOOLS = {
+    "rerank": "pipeline.rerank",
+    "explain": "pipeline.students.explain",
+    "export": "pipeline.students.export",
+    "report": "pipeline.report",
+}
 
 
 def _sql(argv: list[str]) -> int:

@@ -568,6 +568,9 @@ class StudentConfig:
             raise ValueError(f"max_length {self.max_length} is too short (at least 16, or 'auto')")
 
 
+ScoringPrecision = Literal["auto", "fp32", "bf16", "int8"]
+
+
 @dataclass(config=STRICT)
 class RerankConfig:
     """How students are evaluated: each reranks the top ``depth`` of a first-stage run of every evaluation
@@ -575,6 +578,9 @@ class RerankConfig:
 
     depth: int = Field(default=100, ge=1)
     first_stage: str = "bm25"
+    # auto: the student's training precision on this device (bf16 where the hardware has it); int8: dynamic int8
+    # Linear layers, CPU only (pipeline.students.precision; bench/rerank.py measures each)
+    precision: ScoringPrecision = "auto"
     first_stage_per_collection: dict[str, str] = Field(default_factory=dict)  # e.g. trec-dl-2019: shipped-bm25
     batch_size: int = Field(default=32, ge=1)
     # also rerank with each student's untrained starting point (run "<student>:untrained"): the figure that says

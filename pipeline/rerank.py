@@ -1,7 +1,7 @@
 """Apply a student: rerank the top ``depth`` of any first-stage run, as a library function and as a command.
 
     distillrank rerank --model DIR --collection FOLDER --run RUN.trec --out OUT.trec [--depth 100]
-                       [--batch-size 32] [--split test] [--device cpu|cuda]
+                       [--batch-size 32] [--split test] [--device cpu|cuda] [--precision auto|fp32|bf16|int8]
 
 Documents below ``depth`` are kept, in their first-stage order, after the reranked ones. That is what rank_llm
 does (its sliding window permutes ``candidates[rank_start:rank_end]`` and leaves the rest in place) and what
@@ -18,10 +18,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pandas as pd
 
+from pipeline.config import ScoringPrecision
 from pipeline.students.base import Student
 
 log = logging.getLogger(__name__)
@@ -171,6 +173,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=_positive_int, default=32)
     parser.add_argument("--split", default="test", help="qrels split for nDCG@10 before/after (qrels/SPLIT.tsv)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: CUDA when present")
+    parser.add_argument(
+        "--precision",
+        choices=get_args(ScoringPrecision),
+        default="auto",
+        help="auto: the student's training precision here (bf16 where the CPU/GPU has it); int8: CPU only",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -255,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     try:
-        student = load_student(args.model, device=args.device)
+        student = load_student(args.model, device=args.device, precision=args.precision)
     except StudentLoadError as err:
         return _fail(str(err))
     reranked, timing = timed_rerank(
@@ -265,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     write_trec_run(reranked, args.out, tag=tag)
     line = (
         f"{tag}: reranked {timing.queries} queries, {timing.pairs} pairs in {timing.seconds:.1f} s "
-        f"({timing.pairs_per_s:.1f} pairs/s) -> {args.out}"
+        f"({timing.pairs_per_s:.1f} pairs/s, {getattr(student, 'precision', 'fp32')}) -> {args.out}"
     )
     figures = _ndcg_before_after(collection.qrels, run, reranked, args.split)
     if figures is not None:

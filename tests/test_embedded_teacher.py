@@ -12,7 +12,15 @@ import pytest
 from conftest import tiny_params
 from pipeline.config import parse_params
 from pipeline.stages import teach
-from pipeline.teacher.embedded import QWEN_CODER_1_5B, EmbeddedTeacherError, SplitModel, assemble_model, part_files
+from pipeline.teacher.embedded import (
+    QWEN_CODER_1_5B,
+    EmbeddedTeacherError,
+    ServerOptions,
+    SplitModel,
+    assemble_model,
+    embedded_server,
+    part_files,
+)
 
 
 @pytest.fixture
@@ -57,6 +65,13 @@ def test_missing_weight_packages_say_how_to_install_them() -> None:
 
 def test_the_default_model_is_the_packaged_qwen() -> None:
     assert QWEN_CODER_1_5B.parts == 22 and QWEN_CODER_1_5B.size == 1_117_320_768
+
+
+def test_an_unknown_flash_attention_setting_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    pytest.importorskip("xllamacpp")
+    server = embedded_server(tmp_path / "missing.gguf", 512, 1, ServerOptions(flash_attention="fast"))
+    with pytest.raises(EmbeddedTeacherError, match=r"flash_attention must be one of \['auto', 'off', 'on'\]"):
+        server.__enter__()
 
 
 @pytest.mark.slow

@@ -125,7 +125,9 @@ def cli_args(model: Path, run: Path, out: Path, *extra: str) -> list[str]:
 
 def test_cli_reranks_a_shipped_run_end_to_end(tmp_path: Path, monkeypatch, capsys) -> None:
     # the command loads the student through load_student; a fake one stands in for a trained model here
-    monkeypatch.setattr("pipeline.students.registry.load_student", lambda folder, device=None: OverlapStudent())
+    monkeypatch.setattr(
+        "pipeline.students.registry.load_student", lambda folder, device=None, precision="auto": OverlapStudent()
+    )
     out = tmp_path / "out" / "reranked.trec"
     run = FIXTURE / "runs" / "weak.trec"
     code = main(cli_args(student_folder(tmp_path), run, out, "--depth", "3", "--no-progress"))
@@ -268,7 +270,7 @@ def test_stage_command_with_a_real_student(tiny_pipeline: Path, tiny_cross_encod
         tiny_pipeline,
         teach={"tiny": {"split": "train"}},
         students={"tiny-ce": {"kind": "cross-encoder", "labels": "tiny", "backbone": str(tiny_cross_encoder)}},
-        rerank={"depth": 5, "batch_size": 4},
+        rerank={"depth": 5, "batch_size": 4, "precision": "int8"},
     )
     params["paths"].update(students=str(tmp_path / "students"), reranked=str(tmp_path / "reranked"))
     params_file = write_params(tmp_path / "params.yaml", params)
@@ -278,6 +280,8 @@ def test_stage_command_with_a_real_student(tiny_pipeline: Path, tiny_cross_encod
     assert rerank_stage.main(["tiny-ce", "--params", str(params_file)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["collections"]["tiny"]["tiny-ce"]["pairs"] > 0 and summary["depth"] == 5
+    # rerank.precision reaches both the student and its untrained starting point
+    assert {run["precision"] for run in summary["collections"]["tiny"].values()} == {"int8"}
     table = read_table(tmp_path / "reranked" / "tiny-ce" / "reranked.parquet")
     # the untrained starting point (the backbone) reranks the same candidates, as its own run
     assert set(table.student) == {"tiny-ce", "tiny-ce:untrained"}

@@ -22,6 +22,7 @@ from pipeline.lucene import document_contents
 from pipeline.rerank import timed_rerank
 from pipeline.stages.common import evaluation_queries
 from pipeline.students.base import Student, StudentLoadError, read_student_info
+from pipeline.students.precision import set_scoring_precision
 from pipeline.students.registry import kind_module, load_student
 
 SHIPPED_PREFIX = "shipped-"  # as in the evaluate stage
@@ -104,6 +105,7 @@ def run(
         frames.append(reranked.assign(collection=collection, student=run_name))
         summary.setdefault(collection, {})[run_name] = {
             "first_stage": first_stage,
+            "precision": str(getattr(scorer, "precision", "fp32")),
             "queries": timing.queries,
             "pairs": timing.pairs,
             "unknown_docs_dropped": int(unknown.sum()),
@@ -127,7 +129,7 @@ def _body(params: Params, name: str | None) -> dict:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: student folder not found (has `distillrank stage train {name}` run?)")
     try:
-        student = load_student(folder)
+        student = load_student(folder, precision=params.rerank.precision)
         info = read_student_info(folder)
     except StudentLoadError as err:
         # not in stage_main's user errors: say which parameter names the folder, without a traceback
@@ -136,6 +138,7 @@ def _body(params: Params, name: str | None) -> dict:
     if params.rerank.untrained:
         cfg = params.students[name]
         untrained = kind_module(cfg.kind).untrained(cfg, max_length=int(info.get("max_length") or 0) or None)
+        set_scoring_precision(untrained, params.rerank.precision)
     return run(name, student, params.evaluation, params.rerank, params.paths, untrained=untrained)
 
 

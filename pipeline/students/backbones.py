@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 MINILM = "all-MiniLM-L6-v2"
 SMOLLM = "SmolLM2-135M-Instruct"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "int8"]  # int8: scoring only (pipeline.students.precision)
 
 
 class BackboneError(ValueError):

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 
 from pipeline.students.base import Student, StudentLoadError, read_student_info
+from pipeline.students.precision import set_scoring_precision
 
 KIND_MODULES = {
     "cross-encoder": "pipeline.students.cross_encoder",
@@ -41,7 +42,10 @@ def kind_module(kind: str) -> ModuleType:
         raise StudentLoadError(f"unknown student kind {kind!r} (known: {sorted(KIND_MODULES)})") from None
 
 
-def load_student(folder: Path | str, device: str | None = None) -> Student:
-    """Load a trained student of any kind from its folder (``device``: None picks CUDA when present)."""
+def load_student(folder: Path | str, device: str | None = None, precision: str = "auto") -> Student:
+    """Load a trained student of any kind from its folder (``device``: None picks CUDA when present), to score in
+    ``precision`` (``pipeline.students.precision``: auto is the precision it was trained in)."""
     info = read_student_info(folder)
-    return kind_module(info["kind"]).load(Path(folder), info, device)
+    student = kind_module(info["kind"]).load(Path(folder), info, device)
+    set_scoring_precision(student, precision)
+    return student

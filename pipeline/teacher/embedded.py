@@ -98,8 +98,27 @@ def assemble_model(folder: Path | str, model: SplitModel = QWEN_CODER_1_5B) -> P
     return target
 
 
+@dataclass(frozen=True)
+class ServerOptions:
+    """llama.cpp's speed options. The defaults are what ``bench/teacher.py --embedded-options`` measured fastest
+    on 2 cores among the settings that leave the pointwise answers unchanged: flash attention ``auto`` (on, for
+    this CPU), one slot, llama.cpp's batch sizes, prompt caching (the pointwise prompt's system message and query
+    come first, so the passages of one query reuse their KV cache)."""
+
+    parallel: int = 1  # slots: requests decoded together (each with n_ctx / parallel unless kv_unified)
+    flash_attention: str = "auto"  # auto | on | off
+    batch: int = 2048  # logical batch (n_batch)
+    ubatch: int = 512  # physical batch (n_ubatch)
+    kv_unified: bool = False  # one KV buffer shared by every slot
+
+
+FLASH_ATTENTION = {"auto": -1, "off": 0, "on": 1}
+
+
 @contextlib.contextmanager
-def embedded_server(model_path: Path | str, n_ctx: int, threads: int) -> Iterator[str]:
+def embedded_server(
+    model_path: Path | str, n_ctx: int, threads: int, options: ServerOptions = ServerOptions()
+) -> Iterator[str]:
     """Serve ``model_path`` with llama.cpp on 127.0.0.1 at a free port; yield the OpenAI base URL (``…/v1``)."""
     try:
         import xllamacpp
@@ -107,11 +126,18 @@ def embedded_server(model_path: Path | str, n_ctx: int, threads: int) -> Iterato
         raise EmbeddedTeacherError(
             "xllamacpp is not installed: install the extra with `pip install -e '.[embedded]'`"
         ) from None
+    if options.flash_attention not in FLASH_ATTENTION:
+        raise EmbeddedTeacherError(f"flash_attention must be one of {sorted(FLASH_ATTENTION)}")
     params = xllamacpp.CommonParams()
     params.model.path = str(model_path)
     params.n_ctx = n_ctx
     params.cpuparams.n_threads = threads
     params.cpuparams_batch.n_threads = threads
+    params.n_parallel = options.parallel
+    params.flash_attn_type = xllamacpp.llama_flash_attn_type(FLASH_ATTENTION[options.flash_attention])
+    params.n_batch = options.batch
+    params.n_ubatch = options.ubatch
+    params.kv_unified = options.kv_unified
     params.hostnames = ["127.0.0.1"]  # never listen beyond loopback
     params.port = 0  # a free port
     server = xllamacpp.Server(params)

@@ -1,0 +1,240 @@
+"""Export a trained student to ONNX, for serving without PyTorch (ONNX Runtime, Triton, onnxruntime-web).
+
+    distillrank export --model DIR --out DIR [--format onnx] [--quantize int8] [--opset 17]
+
+Writes a copy of the student folder (still a student folder: ``distillrank rerank`` and sentence-transformers load
+it as before) plus, in the layout sentence-transformers' ONNX backend reads:
+
+- ``onnx/model.onnx``: the transformer with dynamic batch and sequence axes (torch's ONNX exporter); a
+  cross-encoder's graph returns ``logits``, a bi-encoder's ``last_hidden_state`` (the folder's pooling and
+  normalisation modules run after it, as sentence-transformers does);
+- ``onnx/model_qint8.onnx`` with ``--quantize int8``: ONNX Runtime's dynamic int8 quantisation of that graph.
+
+Each graph is checked against the PyTorch model on sample pairs through ONNX Runtime before the command succeeds
+(the largest score difference is printed and kept in ``distillrank_student.json`` under ``onnx``).
+
+sentence-transformers loads the folder with ``CrossEncoder(path, backend="onnx")`` (``model_kwargs={"file_name":
+"onnx/model_qint8.onnx"}`` for the int8 graph) where ``optimum-onnx`` is installed; its only release (0.1.0)
+requires transformers < 4.58, so it cannot be installed next to this project's transformers 5.23: here the graphs
+run through ``onnxruntime`` directly (``run_graph``; ``bench/rerank.py`` times them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.students.base import STUDENT_FILE, StudentLoadError, read_student_info
+
+log = logging.getLogger(__name__)
+
+ONNX_FOLDER = "onnx"
+FP32_FILE = "model.onnx"
+INT8_FILE = "model_qint8.onnx"
+KIND_OUTPUTS = {"cross-encoder": "logits", "bi-encoder": "last_hidden_state"}
+DEFAULT_OPSET = 17
+# the fp32 graph must give the PyTorch model's outputs to this (absolute, on outputs scaled to at most 1)
+FP32_TOLERANCE = 1e-3
+CHECK_PAIRS = (
+    ("what causes rain", "Rain forms when water vapour condenses into droplets heavy enough to fall."),
+    ("capital of france", "Paris is the capital and largest city of France, on the Seine."),
+    ("how do vaccines work", "Vaccines train the immune system to recognise a pathogen."),
+    ("who wrote hamlet", "The stock market closed higher on Tuesday after a quiet session of trading."),
+)
+
+
+class ExportError(ValueError):
+    """A student that cannot be exported as asked; the message names the folder or the option."""
+
+
+def transformer_of(folder: Path, kind: str) -> tuple[Any, Any]:
+    """The Hugging Face model inside a cross-encoder or bi-encoder student folder, and its tokenizer (fp32, CPU,
+    eval mode)."""
+    if kind == "cross-encoder":
+        from sentence_transformers.cross_encoder import CrossEncoder
+
+        module = CrossEncoder(str(folder), device="cpu", local_files_only=True)[0]
+    elif kind == "bi-encoder":
+        from sentence_transformers import SentenceTransformer
+
+        module = SentenceTransformer(str(folder), device="cpu", local_files_only=True)[0]
+    else:
+        raise ExportError(f"{folder}: a {kind} student cannot be exported to ONNX (kinds: {sorted(KIND_OUTPUTS)})")
+    model = module.auto_model.float().eval()
+    return model, module.tokenizer
+
+
+def encode_pairs(tokenizer: Any, kind: str, pairs: Sequence[tuple[str, str]], max_length: int) -> dict[str, Any]:
+    """The tokenizer's numpy inputs for ``pairs``: both texts together for a cross-encoder, the passages alone for a
+    bi-encoder (what its transformer sees)."""
+    if kind == "cross-encoder":
+        texts: tuple[Any, ...] = ([q for q, _ in pairs], [p for _, p in pairs])
+    else:
+        texts = ([p for _, p in pairs],)
+    return dict(tokenizer(*texts, padding=True, truncation=True, max_length=max_length, return_tensors="np"))
+
+
+def export_graph(model: Any, inputs: dict[str, np.ndarray], output: str, target: Path, opset: int) -> None:
+    """``model`` as an ONNX graph at ``target`` whose inputs are ``inputs``' names (batch and sequence axes
+    dynamic) and whose one output is ``output``."""
+    import torch
+
+    names = list(inputs)
+
+    class Graph(torch.nn.Module):
+        """The model called with keyword inputs and reduced to the one output (the exporter traces positionally)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args: torch.Tensor) -> torch.Tensor:
+            return getattr(self.model(**dict(zip(names, args, strict=True))), output)
+
+    example = tuple(torch.as_tensor(inputs[name]) for name in names)
+    axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    axes[output] = {0: "batch"} if output == "logits" else {0: "batch", 1: "sequence"}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode(), warnings.catch_warnings():
+        # the tracer's notes on Python-side shape checks of the attention code; the export is checked on other
+        # inputs (``export``), which is what would show a trace that does not generalise
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
+        torch.onnx.export(
+            Graph().eval(),
+            example,
+            str(target),
+            input_names=names,
+            output_names=[output],
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,  # the TorchScript exporter: no onnxscript needed, and it handles these BERT graphs
+        )
+
+
+def quantize_graph(source: Path, target: Path) -> None:
+    """ONNX Runtime's dynamic int8 quantisation of ``source`` (weights int8, activations quantised at run time)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # onnxruntime logs a "consider pre-processing" hint through the root logger on every call
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+
+
+def run_graph(path: Path, inputs: dict[str, np.ndarray], threads: int | None = None) -> np.ndarray:
+    """``path``'s one output for ``inputs`` through ONNX Runtime on the CPU."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    return np.asarray(session.run(None, {k: v.astype(np.int64) for k, v in inputs.items() if k in wanted})[0])
+
+
+def largest_difference(reference: np.ndarray, other: np.ndarray) -> float:
+    """The largest absolute difference, on outputs scaled so that the reference's largest magnitude is 1.
+
+    >>> largest_difference(np.array([2.0, -4.0]), np.array([2.0, -3.0]))
+    0.25
+    """
+    scale = max(float(np.abs(reference).max()), 1e-6)
+    return float(np.abs(reference - other).max() / scale)
+
+
+def export(model_dir: Path, out_dir: Path, quantize: str | None = None, opset: int = DEFAULT_OPSET) -> dict:
+    """Export the student at ``model_dir`` into ``out_dir`` (a new folder); returns what was written and checked."""
+    import torch
+
+    info = read_student_info(model_dir)
+    kind = str(info["kind"])
+    if kind not in KIND_OUTPUTS:
+        raise ExportError(f"{model_dir}: a {kind} student cannot be exported to ONNX (kinds: {sorted(KIND_OUTPUTS)})")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ExportError(f"{out_dir}: the output folder exists and is not empty (give a new folder)")
+    if out_dir.resolve() == model_dir.resolve():
+        raise ExportError(f"{out_dir}: the output folder must not be the student's own folder")
+    model, tokenizer = transformer_of(model_dir, kind)
+    max_length = int(info.get("max_length") or 512)
+    inputs = encode_pairs(tokenizer, kind, CHECK_PAIRS, max_length)
+    output = KIND_OUTPUTS[kind]
+    with torch.inference_mode():
+        reference = getattr(model(**{k: torch.as_tensor(v) for k, v in inputs.items()}), output).float().numpy()
+
+    # build in a temporary folder beside the target and move it in at the end: a failed export leaves nothing
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
+        work = Path(tmp) / "student"
+        shutil.copytree(model_dir, work)
+        onnx_dir = work / ONNX_FOLDER
+        # traced on two pairs, checked on all four: another batch size and length than the trace's
+        traced = encode_pairs(tokenizer, kind, CHECK_PAIRS[:2], max_length)
+        export_graph(model, traced, output, onnx_dir / FP32_FILE, opset)
+        files = {"fp32": f"{ONNX_FOLDER}/{FP32_FILE}"}
+        differences = {"fp32": largest_difference(reference, run_graph(onnx_dir / FP32_FILE, inputs))}
+        if differences["fp32"] > FP32_TOLERANCE:
+            raise ExportError(
+                f"{model_dir}: the exported graph's outputs differ from PyTorch's by {differences['fp32']:.2e} "
+                f"(more than {FP32_TOLERANCE}); not written"
+            )
+        if quantize == "int8":
+            quantize_graph(onnx_dir / FP32_FILE, onnx_dir / INT8_FILE)
+            files["int8"] = f"{ONNX_FOLDER}/{INT8_FILE}"
+            differences["int8"] = largest_difference(reference, run_graph(onnx_dir / INT8_FILE, inputs))
+        elif quantize is not None:
+            raise ExportError(f"--quantize: only int8 is supported, got {quantize!r}")
+        record = {"files": files, "opset": opset, "output": output, "max_scaled_difference": differences}
+        info = {**info, "onnx": record}
+        (work / STUDENT_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        work.rename(out_dir)
+    return {"model": str(model_dir), "out": str(out_dir), "kind": kind, **record}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distillrank export",
+        description="Export a cross-encoder or bi-encoder student to ONNX (a copy of its folder plus onnx/).",
+    )
+    parser.add_argument("--model", type=Path, required=True, help="a trained student's folder")
+    parser.add_argument("--out", type=Path, required=True, help="a new folder for the exported student")
+    parser.add_argument("--format", choices=("onnx",), default="onnx")
+    parser.add_argument("--quantize", choices=("int8",), default=None, help="also write an int8 graph")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset ({DEFAULT_OPSET})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``distillrank export``: exit code 0, or 2 with one line naming the folder for a problem the user can fix."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s export %(levelname)s %(message)s")
+    try:
+        summary = export(args.model, args.out, args.quantize, args.opset)
+    except (StudentLoadError, ExportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for precision, file in summary["files"].items():
+        difference = summary["max_scaled_difference"][precision]
+        print(f"{summary['out']}/{file}: {precision}, largest difference from PyTorch {difference:.2e} (scaled)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
