@@ -153,7 +153,9 @@ def token_budget_batches(lengths: np.ndarray, budget: int) -> list[np.ndarray]:
     return batches
 
 
-def score_library(kind: str, model: Path, pairs: pd.DataFrame, batch_size: int, max_length: int) -> np.ndarray:
+def score_library(
+    kind: str, model: Path, pairs: pd.DataFrame, batch_size: int, max_length: int
+) -> tuple[np.ndarray, float]:
     if kind == "cross-encoder":
         from sentence_transformers import CrossEncoder
 
@@ -176,10 +178,14 @@ def score_library(kind: str, model: Path, pairs: pd.DataFrame, batch_size: int, 
     return np.asarray(scores, dtype=float), time.perf_counter() - started
 
 
-def score_onnx(model: Path, file: str, pairs: pd.DataFrame, batch_size: int, max_length: int):
+def score_onnx(
+    model: Path, file: str, pairs: pd.DataFrame, batch_size: int, max_length: int
+) -> tuple[np.ndarray, float]:
     """The exported graph through ONNX Runtime, in length-sorted batches of ``batch_size`` (as predict does)."""
     import onnxruntime
     from transformers import AutoTokenizer
+
+    from pipeline.students.export import encode_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     session = onnxruntime.InferenceSession(str(model / file), providers=["CPUExecutionProvider"])
@@ -191,20 +197,15 @@ def score_onnx(model: Path, file: str, pairs: pd.DataFrame, batch_size: int, max
     started = time.perf_counter()
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        encoded = tokenizer(
-            [queries[i] for i in index],
-            [passages[i] for i in index],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="np",
-        )
+        encoded = encode_pairs(tokenizer, "cross-encoder", [(queries[i], passages[i]) for i in index], max_length)
         feed = {k: v.astype(np.int64) for k, v in encoded.items() if k in wanted}
         scores[index] = session.run(None, feed)[0].reshape(-1)
     return scores, time.perf_counter() - started
 
 
-def score_ours(model: Path, precision: str, pairs: pd.DataFrame, batch_size: int, token_budget: int | None):
+def score_ours(
+    model: Path, precision: str, pairs: pd.DataFrame, batch_size: int, token_budget: int | None
+) -> tuple[np.ndarray, float]:
     from pipeline.rerank import rerank_run
     from pipeline.students.registry import load_student
 
@@ -243,7 +244,8 @@ def worker(args: argparse.Namespace) -> dict:
     """One method on one pairs file: wall time, peak memory, the scores."""
     import torch
 
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     pairs = pd.read_parquet(args.pairs_file)
     method = args.worker
     if method == "library-fp32":

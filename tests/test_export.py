@@ -67,7 +67,7 @@ def test_a_bi_encoder_exports_its_transformer(students: dict[str, Path], tmp_pat
     out = tmp_path / "bi-onnx"
     summary = onnx_export.export(students["bi-encoder"], out)
     assert summary["output"] == "last_hidden_state" and set(summary["files"]) == {"fp32"}
-    model, tokenizer = onnx_export.transformer_of(students["bi-encoder"], "bi-encoder")
+    model, tokenizer = onnx_export.transformer_of(students["bi-encoder"])
     inputs = onnx_export.encode_pairs(tokenizer, "bi-encoder", PAIRS, 64)
     with torch.inference_mode():
         expected = model(**{k: torch.as_tensor(v) for k, v in inputs.items()}).last_hidden_state.numpy()

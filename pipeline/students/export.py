@@ -36,8 +36,6 @@ import numpy as np
 
 from pipeline.students.base import STUDENT_FILE, StudentLoadError, read_student_info
 
-log = logging.getLogger(__name__)
-
 ONNX_FOLDER = "onnx"
 FP32_FILE = "model.onnx"
 INT8_FILE = "model_qint8.onnx"
@@ -57,21 +55,13 @@ class ExportError(ValueError):
     """A student that cannot be exported as asked; the message names the folder or the option."""
 
 
-def transformer_of(folder: Path, kind: str) -> tuple[Any, Any]:
+def transformer_of(folder: Path) -> tuple[Any, Any]:
     """The Hugging Face model inside a cross-encoder or bi-encoder student folder, and its tokenizer (fp32, CPU,
-    eval mode)."""
-    if kind == "cross-encoder":
-        from sentence_transformers.cross_encoder import CrossEncoder
+    eval mode): the first module of the sentence-transformers model that ``load_student`` gives."""
+    from pipeline.students.registry import load_student
 
-        module = CrossEncoder(str(folder), device="cpu", local_files_only=True)[0]
-    elif kind == "bi-encoder":
-        from sentence_transformers import SentenceTransformer
-
-        module = SentenceTransformer(str(folder), device="cpu", local_files_only=True)[0]
-    else:
-        raise ExportError(f"{folder}: a {kind} student cannot be exported to ONNX (kinds: {sorted(KIND_OUTPUTS)})")
-    model = module.auto_model.float().eval()
-    return model, module.tokenizer
+    module = load_student(folder, device="cpu", precision="fp32").model[0]
+    return module.auto_model.float().eval(), module.tokenizer
 
 
 def encode_pairs(tokenizer: Any, kind: str, pairs: Sequence[tuple[str, str]], max_length: int) -> dict[str, Any]:
@@ -136,14 +126,11 @@ def quantize_graph(source: Path, target: Path) -> None:
         root.setLevel(level)
 
 
-def run_graph(path: Path, inputs: dict[str, np.ndarray], threads: int | None = None) -> np.ndarray:
+def run_graph(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
     """``path``'s one output for ``inputs`` through ONNX Runtime on the CPU."""
     import onnxruntime
 
-    options = onnxruntime.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
     return np.asarray(session.run(None, {k: v.astype(np.int64) for k, v in inputs.items() if k in wanted})[0])
 
@@ -166,11 +153,13 @@ def export(model_dir: Path, out_dir: Path, quantize: str | None = None, opset: i
     kind = str(info["kind"])
     if kind not in KIND_OUTPUTS:
         raise ExportError(f"{model_dir}: a {kind} student cannot be exported to ONNX (kinds: {sorted(KIND_OUTPUTS)})")
+    if quantize not in (None, "int8"):
+        raise ExportError(f"--quantize: only int8 is supported, got {quantize!r}")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir}: the output folder exists and is not empty (give a new folder)")
     if out_dir.resolve() == model_dir.resolve():
         raise ExportError(f"{out_dir}: the output folder must not be the student's own folder")
-    model, tokenizer = transformer_of(model_dir, kind)
+    model, tokenizer = transformer_of(model_dir)
     max_length = int(info.get("max_length") or 512)
     inputs = encode_pairs(tokenizer, kind, CHECK_PAIRS, max_length)
     output = KIND_OUTPUTS[kind]
@@ -197,8 +186,6 @@ def export(model_dir: Path, out_dir: Path, quantize: str | None = None, opset: i
             quantize_graph(onnx_dir / FP32_FILE, onnx_dir / INT8_FILE)
             files["int8"] = f"{ONNX_FOLDER}/{INT8_FILE}"
             differences["int8"] = largest_difference(reference, run_graph(onnx_dir / INT8_FILE, inputs))
-        elif quantize is not None:
-            raise ExportError(f"--quantize: only int8 is supported, got {quantize!r}")
         record = {"files": files, "opset": opset, "output": output, "max_scaled_difference": differences}
         info = {**info, "onnx": record}
         (work / STUDENT_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
