@@ -172,7 +172,7 @@ def teacher_markdown(teachers: Mapping[str, Mapping]) -> str:
     """The teacher's section of the artifact: one row per labelled collection (``metrics/teacher/<name>.json``).
 
     >>> print(teacher_markdown({"scifact": {"method": "listwise", "model": "m", "queries": {"labelled": 4},
-    ...     "calls": {"made": 4, "from_cache": 0}, "identity_share": 1.0,
+    ...     "calls": {"paid": 4, "cached": 0}, "identity_share": 1.0,
     ...     "quality": {"teacher": 0.5, "first_stage": 0.5, "measure": "nDCG@10"}}}))
     ## teacher
     <BLANKLINE>
@@ -191,8 +191,8 @@ def teacher_markdown(teachers: Mapping[str, Mapping]) -> str:
                 t.get("method"),
                 t.get("model"),
                 t.get("queries", {}).get("labelled"),
-                calls.get("made"),
-                calls.get("from_cache"),
+                calls.get("paid"),
+                calls.get("cached"),
                 t.get("identity_share"),
                 quality.get("teacher"),
                 quality.get("first_stage"),

@@ -29,6 +29,7 @@ TOOLS = {
     "explain": "pipeline.students.explain",
     "export": "pipeline.students.export",
     "report": "pipeline.report",
+    "cache": "pipeline.teacher.cache_cli",
 }
 
 

@@ -349,6 +349,16 @@ class Budget:
 
 
 @dataclass(config=STRICT)
+class BreakerConfig:
+    """When the teacher stops calling an endpoint that does not answer, so that a dead one fails in seconds, not
+    after every query's retries: a probe before the first call (one request, ``probe_timeout_s``), and no new call
+    after ``consecutive_failures`` failed calls in a row. What was received is kept; a re-run pays for the rest."""
+
+    consecutive_failures: int = Field(default=5, ge=1)
+    probe_timeout_s: float = Field(default=10.0, gt=0)
+
+
+@dataclass(config=STRICT)
 class EmbeddedConfig:
     """llama.cpp in-process (xllamacpp) on 127.0.0.1, serving the packaged Qwen2.5-Coder-1.5B GGUF."""
 
@@ -451,6 +461,10 @@ class TeacherConfig:
     rationales: RationalesConfig = Field(default_factory=RationalesConfig)
     imported: ImportedConfig = Field(default_factory=ImportedConfig)
     budget: Budget = Field(default_factory=Budget)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    # how many answers a call that answered unusably (empty, or unparseable after the method's retries) is given,
+    # over all runs; then the last one is served as it is (the method falls back) and nothing more is paid for it
+    max_unusable_tries: int = Field(default=3, ge=1)
 
 
 @dataclass(config=STRICT)
@@ -468,10 +482,62 @@ class TeachTarget:
     candidates: str = "bm25"
     seed: int = 0
     # "collection": the collection's own queries and its retrieve@ candidates; "synthetic": the synthesized
-    # queries and their pool (candidates "pool", or one pool method's name)
+    # queries and their pool (candidates "pool", or one pool method's name). In params.yaml it is the group the
+    # target is under (teach.collection.<name> / teach.synthetic.<name>), never a key of its own
     queries: Literal["collection", "synthetic"] = "collection"
     method: TeacherMethod | None = None
     imported: ImportedConfig | None = None
+
+
+# params.yaml groups teach targets by where their queries come from, because dvc.yaml must iterate over each kind
+# apart (teach-collection@<name>, teach-synthetic@<name>): DVC 3 cannot pick a stage's dependencies by an item's
+# value, and a target on a collection's own queries must not depend on (and so run) any synthesize or pool stage.
+TEACH_GROUPS: tuple[str, ...] = ("collection", "synthetic")
+
+
+def teach_key(name: str, target: TeachTarget) -> str:
+    """Where teach target ``name`` is in params.yaml.
+
+    >>> teach_key("scifact", TeachTarget(queries="synthetic"))
+    'teach.synthetic.scifact'
+    """
+    return f"teach.{target.queries}.{name}"
+
+
+def _ungroup_teach(raw: object) -> tuple[object, dict[str, str]]:
+    """params.yaml's ``teach: {collection: {<name>: {...}}, synthetic: {<name>: {...}}}`` as the flat mapping
+    ``Params.teach`` validates (each target's ``queries`` = its group), and each name's group.
+
+    >>> _ungroup_teach({"collection": {"a": {"depth": 3}}, "synthetic": None})
+    ({'a': {'depth': 3, 'queries': 'collection'}}, {'a': 'collection'})
+    >>> _ungroup_teach({"a": {"depth": 3}})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pipeline.config.ConfigError: teach.a: not a query source (teach targets are grouped: teach.collection.<name> ...
+    """
+    if raw is None:
+        return {}, {}
+    if not isinstance(raw, dict):
+        return raw, {}  # pydantic says what is wrong with it
+    flat: dict[str, object] = {}
+    groups: dict[str, str] = {}
+    for group, targets in raw.items():
+        if group not in TEACH_GROUPS:
+            raise ConfigError(
+                f"teach.{group}: not a query source (teach targets are grouped: teach.collection.<name> for a "
+                f"collection's own queries, teach.synthetic.<name> for synthesize.<name>'s)"
+                + _closest(str(group), list(TEACH_GROUPS))
+            )
+        if not isinstance(targets, dict | None):
+            raise ConfigError(f"teach.{group}: expected a mapping of target names (or {{}}), got {targets!r}")
+        for name, target in (targets or {}).items():
+            if name in groups:
+                raise ConfigError(f"teach.{groups[name]}.{name}, teach.{group}.{name}: one teach target per name")
+            if isinstance(target, dict) and "queries" in target:
+                raise ConfigError(f"teach.{group}.{name}.queries: unknown key (the group teach.{group} says it)")
+            flat[name] = {**target, "queries": group} if isinstance(target, dict) else target
+            groups[name] = group
+    return flat, groups
 
 
 StudentKind = Literal["cross-encoder", "bi-encoder", "twolar-seq2seq", "twolar-causal", "r2r"]
@@ -633,7 +699,7 @@ def _check_references(params: Params) -> None:
     referenced = (
         [("train.collection", params.train.collection)]
         + [(f"evaluation.{name}", name) for name in params.evaluation]
-        + [(f"teach.{name}", name) for name in params.teach]
+        + [(teach_key(name, target), name) for name, target in params.teach.items()]
         + [(f"synthesize.{name}", name) for name in params.synthesize]
     )
     for key, name in referenced:
@@ -649,11 +715,11 @@ def _check_references(params: Params) -> None:
         if evaluation.held_out != name or params.teach[evaluation.held_out].queries != "collection":
             raise ConfigError(
                 f"evaluation.{name}.held_out: {evaluation.held_out!r} must be the teach target on {name}'s own "
-                "queries (queries: collection)"
+                f"queries (teach.collection.{name})"
             )
     for name, target in params.teach.items():
         if target.queries == "synthetic" and name not in params.synthesize:
-            raise ConfigError(f"teach.{name}.queries: 'synthetic' needs a synthesize.{name} section")
+            raise ConfigError(f"{teach_key(name, target)}: a target on synthesized queries needs synthesize.{name}")
     for name, student in params.students.items():
         if student.labels not in params.teach:
             hint = _closest(student.labels, list(params.teach))
@@ -707,14 +773,19 @@ def _valid_keys_at(loc: tuple[str | int, ...]) -> list[str]:
             node = hints[part]
             if get_origin(node) is dict:  # dict[str, X]: the next part is a free key such as a name
                 node = get_args(node)[1]
+            elif get_args(node):  # X | None (teacher.endpoint), tuple[X, ...] (an item index follows, skipped)
+                node = next((arg for arg in get_args(node) if dataclasses.is_dataclass(arg)), node)
     return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
 
 
-def _format_error(source: str, err: ValidationError) -> str:
+def _format_error(source: str, err: ValidationError, teach_groups: dict[str, str] | None = None) -> str:
     lines = [f"{source}: invalid parameters"]
     for problem in err.errors():
         loc = tuple(p for p in problem["loc"] if p != "[key]")
-        key = ".".join(str(p) for p in loc) or "<top>"
+        shown = loc
+        if teach_groups and loc[:1] == ("teach",) and len(loc) > 1 and loc[1] in teach_groups:
+            shown = ("teach", teach_groups[str(loc[1])], *loc[1:])  # where the key is in params.yaml
+        key = ".".join(str(p) for p in shown) or "<top>"
         # pydantic dataclasses report an unknown key as "unexpected_keyword_argument", models as "extra_forbidden"
         if problem["type"] in {"extra_forbidden", "unexpected_keyword_argument"}:
             hint = _closest(str(loc[-1]), _valid_keys_at(loc[:-1]))
@@ -745,15 +816,19 @@ def parse_params(raw: object, source: str = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
-        params = _PARAMS_ADAPTER.validate_python(raw)
+        teach, teach_groups = _ungroup_teach(raw.get("teach"))
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    try:
+        params = _PARAMS_ADAPTER.validate_python({**raw, "teach": teach} if "teach" in raw else raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(source, err)) from None
+        raise ConfigError(_format_error(source, err, teach_groups)) from None
     try:
         _check_references(params)
         if not params.teach:
             _check_teacher(params.teacher)
         for name, target in params.teach.items():
-            where = f"teach.{name}" if target.method is not None or target.imported is not None else "teacher"
+            where = teach_key(name, target) if target.method is not None or target.imported is not None else "teacher"
             _check_teacher(teacher_for(params.teacher, target), where)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,13 +19,15 @@ import pyarrow.parquet as pq
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
 
-    A reader never sees a half-written file, and a failure leaves the previous file (if any) untouched.
+    A reader never sees a half-written file, and a failure leaves the previous file (if any) untouched. The file
+    gets the mode a plain ``open`` gives (0666 less the umask: 0644 usually), not ``mkstemp``'s owner-only 0600:
+    tables and metrics are shared artifacts.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    # O_EXCL: a fresh file of our own (as mkstemp makes), with the mode the kernel derives from the umask
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
         os.replace(tmp, path)
@@ -103,10 +104,11 @@ class RunFormatError(ValueError):
 
 
 def read_trec_run(path: Path | str) -> pd.DataFrame:
-    """Read a TREC run file into (query_id, doc_id, rank, score); errors name the file and line."""
+    """Read a TREC run file into (query_id, doc_id, rank, score); errors name the file and line. A UTF-8 byte
+    order mark is accepted."""
     path = Path(path)
     rows: list[tuple[str, str, int, float]] = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue

@@ -230,7 +230,7 @@ def splade_search(corpus: pd.DataFrame, queries: pd.DataFrame, depth: int, cfg: 
 # --- bm25 + cross-encoder ---------------------------------------------------------------------------------------
 
 
-def rerank_run(
+def rerank_first_stage(
     run: pd.DataFrame, corpus: pd.DataFrame, queries: pd.DataFrame, depth: int, cfg: RerankRetrieverConfig
 ) -> pd.DataFrame:
     """Rescore the top ``cfg.depth`` of ``run`` with a ``CrossEncoder`` and return its top ``depth`` (at most
@@ -326,7 +326,7 @@ class Retrievers:
             if cfg.rerank.model is None:  # before BM25 runs, so the error comes at once
                 raise ConfigError("retrieve.rerank.model: bm25+rerank needs a cross-encoder (a name or a folder)")
             first = self.run("bm25", max(depth, cfg.rerank.depth))
-            return rerank_run(first, self.corpus, queries, depth, cfg.rerank)
+            return rerank_first_stage(first, self.corpus, queries, depth, cfg.rerank)
         if method == "rrf":
             if "rrf" in cfg.rrf.methods or not cfg.rrf.methods:
                 raise ConfigError("retrieve.rrf.methods: fuse one or more other methods (not rrf itself)")

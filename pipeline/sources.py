@@ -112,7 +112,10 @@ def read_beir_queries(path: Path) -> pd.DataFrame:
         if query_id in seen:
             raise CollectionError(f"{path}:{line_no}: duplicate _id {query_id!r} (first on line {seen[query_id]})")
         seen[query_id] = line_no
-        rows.append((query_id, _string_field(record, "text", path, line_no, required=True)))
+        text = _string_field(record, "text", path, line_no, required=True)
+        if not text.strip():  # it would be retrieved nothing and taught nothing, silently
+            raise CollectionError(f"{path}:{line_no}: query {query_id!r} has an empty text")
+        rows.append((query_id, text))
     if not rows:
         raise CollectionError(f"{path}: no queries")
     return pd.DataFrame(rows, columns=["query_id", "text"])
@@ -122,11 +125,11 @@ def read_beir_qrels(path: Path) -> pd.DataFrame:
     """Read ``qrels/<split>.tsv`` into (query_id, doc_id, relevance, split).
 
     The header line (``query-id corpus-id score``) is optional; a 4-column TREC qrels line
-    (``qid 0 docid rel``) is accepted too.
+    (``qid 0 docid rel``) is accepted too, and so is a UTF-8 byte order mark (what some editors write).
     """
     split = path.stem
     rows: list[tuple[str, str, int]] = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue

@@ -47,7 +47,6 @@ CROSS_ENCODER = {
 }
 
 splade_target = {
-    "queries": "collection",
     "split": "test",
     "depth": 10,
     "max_queries": None,
@@ -75,7 +74,7 @@ have a strong LLM's rerank output (a TREC run, or rank_llm JSON) run exactly thi
 TREC-DL 2019 is not an evaluation collection here: its queries are the training data.""",
     {
         "synthesize": {},
-        "teach": {"trec-dl-2019": splade_target},
+        "teach": {"synthetic": {}, "collection": {"trec-dl-2019": splade_target}},
         "students": {"minilm-ce-splade": {**CROSS_ENCODER, "labels": "trec-dl-2019"}},
         "evaluation": {"scifact": {"split": "test"}},
     },
@@ -90,7 +89,7 @@ queries (and SciFact test out of domain). No live LLM call: what a user with ran
   make preset PRESET=recorded-teacher    (git checkout params.yaml returns to the default)""",
     {
         "synthesize": {},
-        "teach": {"trec-dl-2019": base["teach"]["trec-dl-2019"]},
+        "teach": {"synthetic": {}, "collection": {"trec-dl-2019": base["teach"]["collection"]["trec-dl-2019"]}},
         "students": {
             "minilm-bi": base["students"]["minilm-bi"],
             "minilm-ce": {**CROSS_ENCODER, "labels": "trec-dl-2019"},
@@ -121,7 +120,7 @@ r2r = {
 }
 ce = dict(CROSS_ENCODER)
 teach = copy.deepcopy(base["teach"])
-teach["scifact"].update(depth=5, max_queries=3)
+teach["synthetic"]["scifact"].update(depth=5, max_queries=3)
 write(
     "r2r-embedded",
     """Preset: Reason-to-Rank (issue 6). The teacher ranks windows of 5 pool candidates and gives, for each passage,
@@ -184,19 +183,21 @@ tau) and, for R2R, ROUGE-L of its reasons against GPT-4's on every dev passage.
         "retrieve": {**base["retrieve"], "per_collection": {"r2r-msmarco": ["bm25"], "trec-dl-2019": ["bm25"]}},
         "synthesize": {},
         "teach": {
-            "r2r-msmarco": {
-                "queries": "collection",
-                "split": "train",
-                "depth": 5,
-                "max_queries": None,
-                "candidates": "shipped-union",  # the file's own BM25 candidates, in the order GPT-4 saw them
-                "seed": 0,
-                "method": "imported",
-                "imported": {
-                    "scope": "file",
-                    "files": [{"path": R2R_FILE, "teacher": "gpt-4", "first_stage": "bm25", "format": "r2r-jsonl"}],
-                },
-            }
+            "synthetic": {},
+            "collection": {
+                "r2r-msmarco": {
+                    "split": "train",
+                    "depth": 5,
+                    "max_queries": None,
+                    "candidates": "shipped-union",  # the file's own BM25 candidates, in the order GPT-4 saw them
+                    "seed": 0,
+                    "method": "imported",
+                    "imported": {
+                        "scope": "file",
+                        "files": [{"path": R2R_FILE, "teacher": "gpt-4", "first_stage": "bm25", "format": "r2r-jsonl"}],
+                    },
+                }
+            },
         },
         "students": {
             "r2r-smollm2": r2r_real,
@@ -252,15 +253,16 @@ windows = 60K teacher calls; Flan-T5-XL, 1 epoch over 20K groups of 30 on one A1
         "teacher": teacher,
         "synthesize": synth,
         "teach": {
-            "scifact": {
-                "queries": "synthetic",
-                "split": "train,dev",
-                "depth": 30,
-                "max_queries": None,
-                "candidates": "pool",
-                "seed": 0,
+            "synthetic": {
+                "scifact": {
+                    "split": "train,dev",
+                    "depth": 30,
+                    "max_queries": None,
+                    "candidates": "pool",
+                    "seed": 0,
+                }
             },
-            "trec-dl-2019": base["teach"]["trec-dl-2019"],
+            "collection": {"trec-dl-2019": base["teach"]["collection"]["trec-dl-2019"]},
         },
         "students": {"flan-t5-xl": t5},
         "rerank": {**base["rerank"], "depth": 100, "batch_size": 64},

@@ -57,8 +57,17 @@ def tiny_params(root: Path | None = None, source: Path = FIXTURE, **overrides: o
         "index": {"threads": 1},
         "evaluate": {"measures": ["nDCG@10", "RR@10", "R@100"], "baseline": "bm25"},
         "schedule": {"cron": "0 3 * * *"},
-        "teacher": {"backend": "embedded", "method": "listwise"},
-        "teach": {},
+        # synthesize@ declares these teacher keys as DVC parameters
+        "teacher": {
+            "backend": "embedded",
+            "method": "listwise",
+            "endpoint": None,
+            "embedded": {},
+            "sampling": {},
+            "budget": {},
+        },
+        # one group per query source: dvc.yaml iterates over each (teach-collection@, teach-synthetic@)
+        "teach": {"collection": {}, "synthetic": {}},
         "synthesize": {},
         "pool": {"methods": ["bm25"]},
         "build": {},

@@ -18,7 +18,9 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import random
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -87,9 +89,22 @@ def _count_words(body: dict[str, Any]) -> int:
 class OpenAIServer:
     """``with OpenAIServer() as server:`` serves on ``server.base_url`` (``http://127.0.0.1:<port>/v1``)."""
 
-    def __init__(self, responder: Responder = default_responder, latency_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        responder: Responder = default_responder,
+        latency_s: float = 0.0,
+        fault_rate: float = 0.0,
+        random_faults: tuple[FaultKind, ...] = ("truncated", "garbage", "500", "empty"),
+        seed: int = 0,
+    ) -> None:
         self.responder = responder
         self.latency_s = latency_s
+        # besides the scripted queue: each request misbehaves with probability fault_rate, as one of random_faults
+        self.fault_rate = fault_rate
+        self.random_faults = random_faults
+        self._random = random.Random(seed)
+        self.injected: collections.Counter[str] = collections.Counter()  # faults served, by kind
+        self.usable: collections.Counter[str] = collections.Counter()  # non-empty normal replies by body hash
         self.faults: collections.deque[Fault] = collections.deque()
         self.total = 0
         self.successes: collections.Counter[str] = collections.Counter()
@@ -196,6 +211,12 @@ class _Handler(BaseHTTPRequestHandler):
         payload = json.dumps({"error": {"message": message, "type": "server_error", "code": status}}).encode()
         self._send(status, payload, **headers)
 
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") == "/v1/models":  # what a client probes an endpoint with
+            self._send(200, json.dumps({"object": "list", "data": [{"id": "test-model", "object": "model"}]}).encode())
+            return
+        self._error(404, f"no route {self.path}")
+
     def do_POST(self) -> None:
         server = self.owner
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -208,6 +229,10 @@ class _Handler(BaseHTTPRequestHandler):
             server.requests.append(body)
             server.authorizations.append(self.headers.get("Authorization"))
             fault = server.faults.popleft() if server.faults else None
+            if fault is None and server.fault_rate and server._random.random() < server.fault_rate:
+                fault = Fault(server._random.choice(server.random_faults), content_type="application/json")
+            if fault is not None:
+                server.injected[fault.kind] += 1
         if server.latency_s:
             time.sleep(server.latency_s)
         kind = fault.kind if fault else None
@@ -247,3 +272,47 @@ class _Handler(BaseHTTPRequestHandler):
         if kind in (None, "empty"):  # a normal reply, paid for
             with server._lock:
                 server.successes[body_hash(body)] += 1
+                if kind is None:
+                    server.usable[body_hash(body)] += 1
+
+
+class HangingServer:
+    """An endpoint that accepts connections and never answers (a hung proxy or server): the case a circuit
+    breaker is for. ``connections`` counts the connections it accepted.
+
+    >>> with HangingServer() as dead:
+    ...     dead.base_url.startswith("http://127.0.0.1:")
+    True
+    """
+
+    def __init__(self) -> None:
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self._socket.settimeout(0.1)
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self.connections = 0
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            self._held.append(connection)  # held open, never read from or written to
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._socket.getsockname()[1]}/v1"
+
+    def __enter__(self) -> HangingServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        for connection in self._held:
+            connection.close()
+        self._socket.close()

@@ -211,3 +211,36 @@ def test_top_level_must_be_a_mapping(tmp_path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
     with pytest.raises(ConfigError, match="expected a mapping at the top level"):
         load_params(path)
+
+
+def test_teach_targets_are_grouped_by_query_source() -> None:
+    raw = minimal() | {
+        "synthesize": {"tiny": {}},
+        "teach": {"collection": {"tiny": {"split": "test"}}, "synthetic": {}},
+    }
+    assert parse_params(raw).teach["tiny"].queries == "collection"
+    raw["teach"] = {"collection": {}, "synthetic": {"tiny": {"candidates": "pool"}}}
+    assert parse_params(raw).teach["tiny"].queries == "synthetic"
+
+
+@pytest.mark.parametrize(
+    ("teach", "message"),
+    [
+        # the layout before the groups: named, with both groups
+        ({"tiny": {"split": "test"}}, "teach.tiny: not a query source (teach targets are grouped: teach.collection"),
+        ({"colection": {}}, "did you mean 'collection'?"),
+        ({"collection": {"tiny": {"queries": "synthetic"}}}, "teach.collection.tiny.queries: unknown key (the group"),
+        ({"collection": {"tiny": {}}, "synthetic": {"tiny": {}}}, "teach.collection.tiny, teach.synthetic.tiny: one"),
+        # pydantic's errors name the key where it is in params.yaml, with the group
+        ({"collection": {"tiny": {"deph": 3}}}, "teach.collection.tiny.deph: unknown key (did you mean 'depth'?)"),
+        ({"synthetic": {"tiny": {}}}, "teach.synthetic.tiny: a target on synthesized queries needs synthesize.tiny"),
+    ],
+)
+def test_teach_group_errors_name_the_key(teach: dict, message: str) -> None:
+    assert message in config_error(minimal() | {"teach": teach})
+
+
+def test_a_params_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    path = write_params(tmp_path / "params.yaml", tiny_params(tmp_path))
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert load_params(path).collections["tiny"].source == str(FIXTURE)

@@ -82,7 +82,8 @@ def test_repository_dag_lists_the_default_stages() -> None:
 
 
 def test_teach_stage_in_dvc_keeps_its_call_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """teach@<name> runs in `dvc repro`; its call cache is `persist: true`, so even a forced re-run pays nothing."""
+    """teach-collection@<name> runs in `dvc repro`; its call cache is `persist: true`, so even a forced re-run pays
+    nothing."""
     from openai_server import OpenAIServer
 
     monkeypatch.setenv("DISTILLRANK_DVC_TEST_KEY", "sk-dvc-test")
@@ -98,19 +99,19 @@ def test_teach_stage_in_dvc_keeps_its_call_cache(tmp_path: Path, monkeypatch: py
             },
             "listwise": {"window": 3, "step": 2},
         }
-        params["teach"] = {"tiny": {"split": "train", "depth": 4}}
+        params["teach"] = {"collection": {"tiny": {"split": "train", "depth": 4}}, "synthetic": {}}
         repo = make_repo_copy(tmp_path / "repo", params)
         result = run_cli(["dvc", "repro"], repo)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert "teach@tiny" in ran_stages(result.stdout)
+        assert "teach-collection@tiny" in ran_stages(result.stdout)
         paid = server.served_ok
         assert paid > 0
         labels = pd.read_parquet(repo / "data/teacher/tiny/teacher_rankings.parquet")
         assert set(labels.query_id) == {"q5", "q6", "q7", "q8"}
         metrics = json.loads((repo / "metrics/teacher/tiny.json").read_text())
-        assert metrics["calls"]["made"] == paid
+        assert metrics["calls"]["paid"] == paid
 
-        forced = run_cli(["dvc", "repro", "--force", "--single-item", "teach@tiny"], repo)
+        forced = run_cli(["dvc", "repro", "--force", "--single-item", "teach-collection@tiny"], repo)
         assert forced.returncode == 0, forced.stderr[-3000:]
         assert server.served_ok == paid  # the persisted cache answered every call
-        assert json.loads((repo / "metrics/teacher/tiny.json").read_text())["calls"]["from_cache"] == paid
+        assert json.loads((repo / "metrics/teacher/tiny.json").read_text())["calls"]["cached"] == paid

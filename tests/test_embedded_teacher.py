@@ -88,14 +88,14 @@ def test_embedded_llama_cpp_teacher_on_two_queries(tiny_pipeline: Path, tmp_path
         "sampling": {"max_tokens": 40},
         "listwise": {"window": 5, "step": 5, "max_words": 40},
     }
-    params["teach"] = {"tiny": {"split": "test", "depth": 5, "max_queries": 2}}
+    params["teach"] = {"collection": {"tiny": {"split": "test", "depth": 5, "max_queries": 2}}, "synthetic": {}}
     parsed = parse_params(params)
     summary = teach.run("tiny", parsed.teach["tiny"], parsed.teacher, parsed.paths)
     assert summary["queries"]["labelled"] == 2
-    assert summary["calls"]["made"] == summary["windows"] >= 2
+    assert summary["calls"]["paid"] == summary["windows"] >= 2
     assert summary["parse"]["failed"] == 0
     labels = pd.read_parquet(tmp_path / "data/teacher/tiny/teacher_rankings.parquet")
     assert set(labels.model) == {"qwen2.5-coder-1.5b-instruct-q4_k_m"}
     again = teach.run("tiny", parsed.teach["tiny"], parsed.teacher, parsed.paths)
-    assert again["calls"]["made"] == 0  # the re-run is served by the cache
+    assert again["calls"]["paid"] == 0  # the re-run is served by the cache
     print(summary, file=sys.stderr)

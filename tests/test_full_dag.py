@@ -32,8 +32,8 @@ STAGES = {
     "retrieve@tiny",
     "synthesize@tiny",
     "pool@tiny",
-    "teach@tiny",
-    "build@tiny",
+    "teach-synthetic@tiny",
+    "build-synthetic@tiny",
     f"train@{STUDENT}",
     f"rerank@{STUDENT}",
     "evaluate",
@@ -95,7 +95,10 @@ def full_params(base_url: str, backbone: Path) -> dict:
         }
     }
     params["pool"] = {"methods": METHODS, "depth_per_method": 5, "size": 5}
-    params["teach"] = {"tiny": {"queries": "synthetic", "split": "train,dev", "depth": 5, "candidates": "pool"}}
+    params["teach"] = {
+        "collection": {},
+        "synthetic": {"tiny": {"split": "train,dev", "depth": 5, "candidates": "pool"}},
+    }
     params["build"] = {}
     params["students"] = {
         STUDENT: {
@@ -189,7 +192,7 @@ def test_teacher_and_training_examples(reproduced: Reproduced) -> None:
     assert (ordered.groupby("query_id").teacher_rank.min() == 1).all()
     teacher_metrics = json.loads((repo / "metrics/teacher/tiny.json").read_text())
     assert teacher_metrics["queries_from"] == "synthetic"
-    assert teacher_metrics["calls"]["made"] == len(labels)  # one call per (query, candidate)
+    assert teacher_metrics["calls"]["paid"] == len(labels)  # one call per (query, candidate)
     assert teacher_metrics["no_answer_token"] == 0
     # every synthesized query shares content words with its own source document: the teacher says Yes to it
     assert teacher_metrics["source_doc"]["source_in_pool"] == 1.0

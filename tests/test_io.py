@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -73,6 +75,20 @@ def test_atomic_path_failure_without_a_previous_file_leaves_nothing(tmp_path: Pa
         tmp.write_text("half", encoding="utf-8")
         raise Boom
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path: Path, umask: int, mode: int) -> None:
+    """Not mkstemp's owner-only 0600: tables and metrics are read by other users and tools."""
+    previous = os.umask(umask)
+    try:
+        table = write_table(pd.DataFrame({"x": [1]}), pa.schema([("x", pa.int64())]), tmp_path / "t.parquet")
+        metrics = write_json({"a": 1}, tmp_path / "m.json")
+        replaced = write_json({"a": 2}, metrics)  # over an existing file too
+    finally:
+        os.umask(previous)
+    for path in (table, metrics, replaced):
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path
 
 
 def test_write_table_failure_mid_write_keeps_the_previous_table(

@@ -110,7 +110,6 @@ def test_malformed_json_and_repeated_queries_are_refused(tmp_path: Path) -> None
 
 def r2r_params(root: Path) -> dict:
     target = {
-        "queries": "collection",
         "split": "train",
         "depth": 5,
         "candidates": "shipped-union",
@@ -124,7 +123,7 @@ def r2r_params(root: Path) -> dict:
         collections={"r2r": {"source": str(FIXTURE), "format": "r2r-jsonl"}},
         train={"collection": "r2r", "split": "train"},
         evaluation={},
-        teach={"r2r": target},
+        teach={"collection": {"r2r": target}, "synthetic": {}},
         build={"dev_fraction": 0.25, "seed": 0},
     )
     return params

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from functools import partial
 from pathlib import Path
 
 import jsonschema
@@ -21,13 +22,16 @@ from pipeline.stages import teach
 from pipeline.teacher.cache import TeacherCache, call_key
 from pipeline.teacher.client import CachedTeacher
 from pipeline.teacher.rationales import (
+    ParsedRationales,
     parse_rationales,
-    rank_with_rationales,
+    ranked_window,
+    rationale_messages,
     rationale_response_format,
     rationale_schema,
     rationale_windows,
 )
 from pipeline.teacher.templates import load_template
+from pipeline.teacher.windows import Ask, WindowWalk, walk_windows
 
 KEY_ENV = "DISTILLRANK_TEST_RATIONALES_KEY"
 README_SQL = """
@@ -144,7 +148,16 @@ def test_answer_sentences_are_kept_as_given() -> None:
     assert parsed.rationales[0].answer_sentence == odd
 
 
-def test_windows_and_the_driver_retry_an_unusable_answer() -> None:
+def rank_with_rationales(
+    passages: list[str], ask: Ask, window: int, step: int, parse_retries: int = 0
+) -> WindowWalk[ParsedRationales]:
+    """What ``rationales.teach`` does for one query: R2R's windows, prompt and parser through ``walk_windows``."""
+    prompt = partial(rationale_messages, load_template("r2r-rationales"), "q", max_words=120)
+    windows = rationale_windows(len(passages), window, step)
+    return walk_windows(passages, windows, prompt, parse_rationales, ask, parse_retries)
+
+
+def test_windows_and_the_walk_retry_an_unusable_answer() -> None:
     assert rationale_windows(30, 5, 5) == [(25, 30), (20, 25), (15, 20), (10, 15), (5, 10), (0, 5)]
     assert rationale_windows(11, 5, 5) == [(10, 11), (5, 10), (0, 5)]
     with pytest.raises(ValueError, match="step <= window"):
@@ -157,18 +170,19 @@ def test_windows_and_the_driver_retry_an_unusable_answer() -> None:
             return "no idea", "k0"
         return answer(list(range(n, 0, -1)), [entry(i) for i in range(1, n + 1)]), f"k{attempt}"
 
-    result = rank_with_rationales("q", ["a", "b", "c"], flaky, window=3, step=3, parse_retries=1)
+    result = rank_with_rationales(["a", "b", "c"], flaky, window=3, step=3, parse_retries=1)
     assert asked == [0, 1] and result.order == (2, 1, 0)
     (call,) = result.calls
     assert call.attempts == 2 and call.key == "k1" and call.parsed.status == "ok"
-    assert [(i, r) for i, r, _ in call.ranked()] == [(2, 1), (1, 2), (0, 3)]
+    assert call.attempt_keys == ("k0", "k1")
+    assert [(i, r) for i, r, _ in ranked_window(call)] == [(2, 1), (1, 2), (0, 3)]
 
 
 def test_non_overlapping_windows_concatenate_in_first_stage_order() -> None:
     def reverse(messages: list[dict[str, str]], n: int, attempt: int) -> tuple[str, str]:
         return answer(list(range(n, 0, -1)), []), "k"
 
-    result = rank_with_rationales("q", [str(i) for i in range(7)], reverse, window=3, step=3)
+    result = rank_with_rationales([str(i) for i in range(7)], reverse, window=3, step=3)
     assert result.order == (2, 1, 0, 5, 4, 3, 6)
 
 
@@ -248,7 +262,7 @@ def rationale_params(root: Path, base_url: str, **rationales: object) -> dict:
         "sampling": {"temperature": 0.0, "max_tokens": 64, "seed": 0},
         "rationales": {"window": 3, "step": 3, "max_words": 30, "max_tokens": 512, **rationales},
     }
-    params["teach"] = {"tiny": {"split": "test", "depth": 4, "candidates": "bm25"}}
+    params["teach"] = {"collection": {"tiny": {"split": "test", "depth": 4, "candidates": "bm25"}}, "synthetic": {}}
     return params
 
 
@@ -266,7 +280,7 @@ def test_rationale_mode_end_to_end_then_a_rerun_pays_nothing(teach_root: Path) -
         params = rationale_params(teach_root, server.base_url)
         first = run_teach(params)
         # BM25 finds 4, 3, 2 and 2 candidates for q1-q4; windows of 3: q1 (3, 4) then (0, 3), the others one each
-        assert first["windows"] == 5 == first["calls"]["made"] == server.served_ok
+        assert first["windows"] == 5 == first["calls"]["paid"] == server.served_ok
         assert first["parse"]["ok"] == 5 and first["parse"]["json_ok"] == 5
         assert first["rationales"]["passages_explained"] == 11 and first["rationales"]["answer_sentences"] == 5
         # the structured-output request: a json_schema for the window's size, and the stage's max_tokens
@@ -303,8 +317,8 @@ def test_rationale_mode_end_to_end_then_a_rerun_pays_nothing(teach_root: Path) -
         assert len(windows) == 5 and windows.identity.tolist().count(True) == 1  # a window of 1 is its identity
 
         again = run_teach(params)
-        assert server.served_ok == first["calls"]["made"]  # nothing paid twice
-        assert again["calls"]["made"] == 0 and again["calls"]["from_cache"] == 5
+        assert server.served_ok == first["calls"]["paid"]  # nothing paid twice
+        assert again["calls"]["paid"] == 0 and again["calls"]["cached"] == 5
         pd.testing.assert_frame_equal(
             rationales.drop(columns="run_id"), read(teach_root, "rationales").drop(columns="run_id"), check_like=True
         )
@@ -323,6 +337,7 @@ def test_a_failed_answer_is_asked_again_and_a_broken_one_repaired(teach_root: Pa
         assert all("response_format" not in body for body in server.requests)
     parse = summary["parse"]
     assert parse["retried_windows"] == 2 and parse["failed"] == 0  # q1's two windows: the retry (seed + 1) parsed
+    assert parse["marked_unusable"] == 0
     assert parse["json_repaired"] == 3 and parse["repaired"] == 3 and parse["ok"] == 2
     assert server.served_ok == summary["windows"] + 2
     windows = read(teach_root, "teacher_windows")

@@ -268,7 +268,7 @@ def test_stage_command_with_a_real_student(tiny_pipeline: Path, tiny_cross_encod
 
     params = tiny_params(
         tiny_pipeline,
-        teach={"tiny": {"split": "train"}},
+        teach={"collection": {"tiny": {"split": "train"}}},
         students={"tiny-ce": {"kind": "cross-encoder", "labels": "tiny", "backbone": str(tiny_cross_encoder)}},
         rerank={"depth": 5, "batch_size": 4, "precision": "int8"},
     )

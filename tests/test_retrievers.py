@@ -32,7 +32,7 @@ from pipeline.retrievers import (
     dense_search,
     encode_corpus,
     load_dense,
-    rerank_run,
+    rerank_first_stage,
     retrieve,
     rrf_fuse,
 )
@@ -221,7 +221,7 @@ def test_bm25_rerank_without_a_model_names_the_parameter(paths: Paths, corpus: p
         Retrievers("tiny", queries_frame(q="bees"), RetrieveConfig(threads=1), paths).run("bm25+rerank", depth=5)
     empty = pd.DataFrame(columns=["query_id", "doc_id", "rank", "score"])
     with pytest.raises(ConfigError, match=r"retrieve\.rerank\.model"):
-        rerank_run(empty, corpus, queries_frame(q="bees"), 5, RerankRetrieverConfig())
+        rerank_first_stage(empty, corpus, queries_frame(q="bees"), 5, RerankRetrieverConfig())
 
 
 def test_rrf_by_hand() -> None:

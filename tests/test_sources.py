@@ -131,6 +131,28 @@ def test_a_byte_order_mark_at_the_start_of_a_jsonl_file_is_accepted(bad_collecti
     assert loaded.queries.query_id.tolist() == plain.queries.query_id.tolist()
 
 
+def test_a_byte_order_mark_is_accepted_in_every_file_of_a_collection(bad_collection: Callable[[], Path]) -> None:
+    """Qrels TSVs with their header line and shipped TREC runs too (a BOM'd header once read as a grade 'score')."""
+    folder = bad_collection()
+    files = [folder / "corpus.jsonl", folder / "queries.jsonl", *(folder / "qrels").glob("*.tsv")]
+    files += list((folder / "runs").glob("*.trec"))
+    assert (folder / "qrels/test.tsv").read_text(encoding="utf-8").startswith("query-id")  # the header case
+    for path in files:
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    loaded, plain = load_beir_folder(folder, "tiny"), load_beir_folder(FIXTURE, "tiny")
+    for table in ("corpus", "queries", "qrels", "shipped_runs"):
+        pd.testing.assert_frame_equal(getattr(loaded, table), getattr(plain, table))
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\t\n"])
+def test_a_query_with_an_empty_text_names_its_line(bad_collection: Callable[[], Path], text: str) -> None:
+    folder = bad_collection()
+    replace_line(folder / "queries.jsonl", 3, json.dumps({"_id": "q3", "text": text}))
+    message = load_error(folder)
+    assert_names(message, folder / "queries.jsonl", 3)
+    assert "query 'q3' has an empty text" in message
+
+
 def test_qrels_without_header_and_four_column_trec_qrels(bad_collection: Callable[[], Path]) -> None:
     folder = bad_collection()
     (folder / "qrels" / "test.tsv").write_text("q1\td1\t2\nq2 0 d2 1\n", encoding="utf-8")

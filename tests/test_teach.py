@@ -62,7 +62,7 @@ def teach_params(root: Path, base_url: str, **teacher: object) -> dict:
         "listwise": {"window": 3, "step": 2, "max_words": 30},
         **teacher,
     }
-    params["teach"] = {"tiny": {"split": "test", "depth": 4, "candidates": "bm25"}}
+    params["teach"] = {"collection": {"tiny": {"split": "test", "depth": 4, "candidates": "bm25"}}, "synthetic": {}}
     return params
 
 
@@ -85,7 +85,7 @@ def test_listwise_reverses_and_a_rerun_pays_nothing(teach_root: Path) -> None:
         params = teach_params(teach_root, server.base_url)
         first = run_teach(params)
         calls = server.served_ok
-        assert first["calls"]["made"] == calls == first["windows"] > 0
+        assert first["calls"]["paid"] == calls == first["windows"] > 0
         assert first["parse"]["ok"] == first["windows"] and first["identity_windows"] == 0
         labels = rankings(teach_root)
         assert set(labels.query_id) == {"q1", "q2", "q3", "q4"}
@@ -101,7 +101,7 @@ def test_listwise_reverses_and_a_rerun_pays_nothing(teach_root: Path) -> None:
 
         again = run_teach(params)
         assert server.served_ok == calls  # nothing paid twice
-        assert again["calls"]["made"] == 0 and again["calls"]["from_cache"] == first["windows"]
+        assert again["calls"]["paid"] == 0 and again["calls"]["cached"] == first["windows"]
         pd.testing.assert_frame_equal(
             labels.drop(columns="run_id"), rankings(teach_root).drop(columns="run_id"), check_like=True
         )
@@ -115,8 +115,8 @@ def test_changed_window_repays_only_the_windows_that_changed(teach_root: Path) -
             teach_params(teach_root, server.base_url, listwise={"window": 3, "step": 2, "max_words": 30})
         )
         # the bottom window of each query is the same prompt in both settings: served from the cache
-        assert changed["calls"]["from_cache"] > 0
-        assert changed["calls"]["made"] == server.served_ok - before < changed["windows"]
+        assert changed["calls"]["cached"] > 0
+        assert changed["calls"]["paid"] == server.served_ok - before < changed["windows"]
 
 
 def test_unparseable_answers_are_retried_then_reported(teach_root: Path) -> None:
@@ -127,6 +127,7 @@ def test_unparseable_answers_are_retried_then_reported(teach_root: Path) -> None
         summary = run_teach(teach_params(teach_root, server.base_url))
         assert summary["parse"]["retried_windows"] == summary["windows"]
         assert summary["parse"]["failed"] == 0  # the retry (sampled, seed + 1) parsed
+        assert summary["parse"]["marked_unusable"] == 0  # a garbage answer the retry made up for is kept as it is
         assert server.served_ok == 2 * summary["windows"]
 
     with OpenAIServer(responder=lambda body: "no idea") as server:
@@ -136,6 +137,8 @@ def test_unparseable_answers_are_retried_then_reported(teach_root: Path) -> None
             os.symlink(teach_root / "data" / name, teach_root / "hopeless" / "data" / name)
         summary = run_teach(params)
         assert summary["parse"]["failed"] == summary["windows"]  # kept in place (first-stage order) and counted
+        # every attempt of a window that stayed unusable is marked in the cache (a later run asks again)
+        assert summary["parse"]["marked_unusable"] == 2 * summary["windows"]
         windows = pd.read_parquet(teach_root / "hopeless/data/teacher/tiny/teacher_windows.parquet")
         assert set(windows.parse_status) == {"failed"} and (windows.attempts == 2).all()
         assert set(windows.response) == {"no idea"}
@@ -225,8 +228,8 @@ def test_budget_stops_cleanly_and_the_next_run_resumes(teach_root: Path, tmp_pat
         params["teacher"]["budget"] = {}
         finished = run_teach(params)
         assert finished["stopped_early"] is None and finished["queries"]["labelled"] == 4
-        assert finished["calls"]["from_cache"] == paid  # the budget-stopped run's calls were kept
-        assert server.served_ok == paid + finished["calls"]["made"]
+        assert finished["calls"]["cached"] == paid  # the budget-stopped run's calls were kept
+        assert server.served_ok == paid + finished["calls"]["paid"]
 
 
 def test_the_api_key_is_never_written(teach_root: Path) -> None:
@@ -236,6 +239,23 @@ def test_the_api_key_is_never_written(teach_root: Path) -> None:
     for path in teach_root.rglob("*"):
         if path.is_file() and not path.is_symlink():
             assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_a_run_at_a_35_percent_fault_rate_finishes_and_pays_no_answer_twice(teach_root: Path) -> None:
+    # broken bodies (cut short, not JSON), 500s and empty answers, a third of all replies
+    with OpenAIServer(responder=reverse_responder, fault_rate=0.35, seed=3) as server:
+        params = teach_params(teach_root, server.base_url)
+        params["teacher"]["endpoint"]["max_retries"] = 3
+        params["teacher"]["listwise"] = {"window": 2, "step": 1, "max_words": 30}  # 12 windows
+        first = run_teach(params)  # one run finishes
+        assert sum(server.injected.values()) >= 0.2 * server.total and len(server.injected) >= 3
+        assert set(rankings(teach_root).query_id) == {"q1", "q2", "q3", "q4"}
+        assert max(server.usable.values()) == 1  # no usable answer was paid for twice
+        server.fault_rate = 0.0
+        second = run_teach(params)
+        # only the calls whose answers were unusable are asked again; then nothing is left to pay for
+        assert second["calls"]["paid"] == first["calls"]["unusable"] and max(server.usable.values()) == 1
+        assert run_teach(params)["calls"]["paid"] == 0
 
 
 def test_unreachable_endpoint_is_a_clear_error_and_keeps_nothing_half_done(teach_root: Path) -> None:
@@ -287,7 +307,7 @@ def test_sigkill_mid_stage_then_resume_pays_each_call_once(teach_root: Path) -> 
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         summary = json.loads(resumed.stdout)
         distinct = len(TeacherCache(teach_root / "data/teacher_cache/tiny"))
-        assert summary["calls"]["made"] == distinct - cached_before  # the resume paid only what was missing
+        assert summary["calls"]["paid"] == distinct - cached_before  # the resume paid only what was missing
         # over both runs, each distinct call was paid once, plus at most the one in flight at the kill
         assert distinct <= server.served_ok <= distinct + 1
     assert re.search(r'"labelled": 4', resumed.stdout)

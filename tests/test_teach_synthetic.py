@@ -51,7 +51,10 @@ def synthetic_params(root: Path, teacher: dict, **target: object) -> dict:
     params["paths"] |= {"synthetic": str(root / "data/synthetic"), "pool": str(root / "data/pool")}
     params["synthesize"] = {"tiny": {}}
     params["teacher"] = teacher
-    params["teach"] = {"tiny": {"split": "train", "depth": 3, "candidates": "pool", "queries": "synthetic", **target}}
+    params["teach"] = {
+        "collection": {},
+        "synthetic": {"tiny": {"split": "train", "depth": 3, "candidates": "pool", **target}},
+    }
     return params
 
 
@@ -162,5 +165,7 @@ def test_missing_tables_and_empty_selections_are_named(root: Path, tmp_path: Pat
         run_teach(synthetic_params(root, teacher))
     params = synthetic_params(root, teacher)
     del params["synthesize"]
-    with pytest.raises(ConfigError, match=r"'synthetic' needs a synthesize\.tiny section"):
+    with pytest.raises(
+        ConfigError, match=r"teach\.synthetic\.tiny: a target on synthesized queries needs synthesize\.tiny"
+    ):
         parse_params(params)

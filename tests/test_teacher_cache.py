@@ -8,6 +8,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+import yaml
 
 from pipeline.teacher.cache import (
     TEACHER_CALLS_COLUMNS,
@@ -141,20 +142,40 @@ def test_concurrent_puts_write_whole_lines(tmp_path: Path) -> None:
     assert len(reopened) == 400 and reopened.stats().torn_lines == 0
 
 
-def test_compact_keeps_one_ok_record_per_key(tmp_path: Path) -> None:
+def test_purge_removes_every_record_of_the_keys_and_keeps_the_rest(tmp_path: Path) -> None:
     for key in ("a", "b"):
         with TeacherCache(tmp_path) as cache:  # two "runs": two shards
             cache.put(record(key, status="error"))
             cache.put(record(key))
-            cache.put(record("a"))
+            cache.put(record("c"))
     cache = TeacherCache(tmp_path)
     assert cache.stats().shards == 2 and cache.stats().records == 6
-    target = cache.compact()
-    assert shard_paths(tmp_path) == [target]
-    assert [r.key for r in read_shard(target).records] == ["a", "b"]
-    cache.put(record("c"))
+    assert cache.purge({"a"}) == 2  # its error and its ok record
+    assert "a" not in cache and "b" in cache
+    cache.put(record("d"))  # the cache still writes after a purge (a shard of its own)
     cache.close()
-    assert len(TeacherCache(tmp_path)) == 3
+    reopened = TeacherCache(tmp_path)
+    assert sorted(r.key for r in reopened) == ["b", "c", "d"] and reopened.stats().records == 5
+    assert reopened.purge({"b", "c", "d"}) == 5
+    assert shard_paths(tmp_path) == [] and len(TeacherCache(tmp_path)) == 0  # emptied shards are deleted
+
+
+def test_an_unusable_answer_is_not_served_and_its_tries_survive_a_later_ok(tmp_path: Path) -> None:
+    with TeacherCache(tmp_path) as cache:
+        cache.put(record("k"))
+        assert cache.mark_unusable("k", "no usable id", "run-1")
+        assert cache.get("k") is None
+        tries, last = cache.unusable("k")
+        # the marker carries no cost of its own but keeps the answer it marks
+        assert tries == 1 and last is not None and last.response_text == "[2] > [1]" and last.error == "no usable id"
+        assert not cache.mark_unusable("k", "again", "run-1")  # nothing ok left to mark: nothing written
+        cache.put(record("k", text="[1] > [2]"))  # asked again: the new answer is served
+    reopened = TeacherCache(tmp_path)
+    assert reopened.get("k").response_text == "[1] > [2]"
+    assert reopened.unusable("k") == (1, None)  # the count stays, so a repeated bad answer is asked a bounded number
+    assert reopened.key_states() == {"k": "ok"}
+    assert reopened.stats().records == 3 and reopened.stats().unusable_keys == 0
+    assert sum(r.prompt_tokens for r in read_shard(shard_paths(tmp_path)[0]).records) == 24  # two paid answers
 
 
 # -- the DuckDB view ----------------------------------------------------------------------------------------
@@ -189,3 +210,38 @@ def test_teacher_calls_view_on_an_empty_folder(tmp_path: Path) -> None:
         assert [d[0] for d in cursor.description] == [*TEACHER_CALLS_COLUMNS, "shard"]
     (tmp_path / "calls-20250101T000000000000Z-1-abcd.jsonl").write_bytes(b"")  # an empty shard reads too
     assert duckdb.connect().execute(teacher_calls_view_sql(tmp_path)).fetchall() == []
+
+
+# -- distillrank cache ----------------------------------------------------------------------------------------
+def test_cache_cli_stats_and_purge(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.teacher import cache_cli
+
+    root = tmp_path / "cache"
+    params = tmp_path / "params.yaml"
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["paths"]["teacher_cache"] = str(root)
+    params.write_text(yaml.safe_dump(raw))
+    with TeacherCache(root / "dl") as cache:
+        cache.put(record("good"))
+        cache.put(record("bad"))
+        cache.mark_unusable("bad", "no usable id", "run-1")
+        cache.put(record("failed", status="error"))
+    with TeacherCache(root / "_synthesize" / "sf") as cache:
+        cache.put(record("other", model="another-model"))
+
+    assert cache_cli.main(["--params", str(params), "stats"]) == 0
+    out = capsys.readouterr().out
+    assert "_synthesize/sf" in out and "dl" in out
+
+    assert cache_cli.main(["--params", str(params), "purge", "--target", "dl", "--status", "unusable"]) == 0
+    assert "removed 2 records of 1 keys" in capsys.readouterr().out  # the answer and its marker
+    left = TeacherCache(root / "dl")
+    assert left.key_states() == {"good": "ok", "failed": "error"}
+    # --model filters, --dry-run removes nothing, an unknown target names the ones there
+    args = ["--params", str(params), "purge", "--target", "_synthesize/sf", "--model", "test-model"]
+    assert cache_cli.main(args) == 0 and "removed 0 records" in capsys.readouterr().out
+    args = ["--params", str(params), "purge", "--target", "_synthesize/sf", "--dry-run"]
+    assert cache_cli.main(args) == 0 and "1 keys match" in capsys.readouterr().out
+    assert len(TeacherCache(root / "_synthesize" / "sf")) == 1
+    assert cache_cli.main(["--params", str(params), "purge", "--target", "nope"]) == 2
+    assert "targets here: ['_synthesize/sf', 'dl']" in capsys.readouterr().err

@@ -20,13 +20,15 @@ import openai
 import pytest
 from pydantic import ValidationError
 
-from openai_server import Fault, OpenAIServer, body_hash
+from openai_server import Fault, HangingServer, OpenAIServer, body_hash
+from pipeline.config import BreakerConfig
 from pipeline.teacher.cache import TeacherCache, teacher_calls_view_sql
 from pipeline.teacher.client import (
     Budget,
     BudgetExceeded,
     CachedTeacher,
     EndpointConfig,
+    EndpointDown,
     SamplingConfig,
     TeacherCallError,
     TeacherConfigError,
@@ -100,11 +102,31 @@ def test_a_call_is_made_once_then_served_from_the_cache(server: OpenAIServer, tm
 def test_listwise_answer_and_empty_content(server: OpenAIServer, tmp_path: Path) -> None:
     teacher = make_teacher(server, tmp_path)
     assert teacher.complete(prompt("q [1] a [2] b [3] c")).text == "[1] > [2] > [3]"
-    server.inject("empty")
+    server.inject("empty", "empty")
     empty = teacher.complete(prompt("an empty answer"))
-    # an empty string is the model's answer: stored as ok and served from the cache (not paid again)
+    # an empty answer is never ok: stored as unusable (with its cost) and asked again, not served
     assert empty.text == "" and not empty.cached
-    assert teacher.complete(prompt("an empty answer")).cached and server.total == 2
+    assert records(tmp_path)[-1]["status"] == "unusable" and records(tmp_path)[-1]["prompt_tokens"] > 0
+    assert teacher.complete(prompt("an empty answer")).text == "" and server.total == 3
+    assert teacher.counters.unusable == 2
+
+
+def test_unusable_answers_are_asked_again_a_bounded_number_of_times(server: OpenAIServer, tmp_path: Path) -> None:
+    # a teacher that always answers the same unusable thing: 3 answers over all runs, then served as it is
+    server.inject(*["empty"] * 10)
+    for run in range(5):
+        teacher = make_teacher(server, tmp_path)
+        result = teacher.complete(prompt("always empty"))
+        assert result.text == "" and result.cached == (run >= 3)
+    assert server.total == 3
+    # an ok answer the method could not use is marked, and asked again by the next run
+    teacher = make_teacher(server, tmp_path)
+    server.faults.clear()
+    first = teacher.complete(prompt("q [1] a [2] b"))
+    assert teacher.mark_unusable(first.key, "listwise: no usable id") and not teacher.mark_unusable(first.key, "x")
+    again = make_teacher(server, tmp_path).complete(prompt("q [1] a [2] b"))
+    assert not again.cached and server.total == 5
+    assert make_teacher(server, tmp_path).complete(prompt("q [1] a [2] b")).cached  # the new answer stands
 
 
 # -- faults the openai client retries -----------------------------------------------------------------------
@@ -164,15 +186,20 @@ def test_a_connection_dropped_mid_body_is_retried(server: OpenAIServer, tmp_path
 def test_a_broken_body_is_recorded_as_an_error(
     server: OpenAIServer, tmp_path: Path, fault: Fault, cause: type, message: str
 ) -> None:
-    server.inject(fault)
+    # retried with backoff (the openai client does not), up to max_retries (2) times ...
+    server.inject(fault, fault)
     teacher = make_teacher(server, tmp_path)
+    assert teacher.complete(prompt("broken twice")).text == "Yes" and server.total == 3
+    assert [r["status"] for r in records(tmp_path)] == ["ok"]
+    # ... and an error record only when every try was broken
+    server.inject(fault, fault, fault)
     with pytest.raises(TeacherCallError, match=message) as raised:
         teacher.complete(prompt("broken reply"))
     assert isinstance(raised.value.cause, cause)
-    assert server.total == 1  # not retried by the client
-    [error] = records(tmp_path)
+    assert server.total == 6
+    error = records(tmp_path)[-1]
     assert error["status"] == "error" and message in error["error"]
-    assert teacher.complete(prompt("broken reply")).text == "Yes" and server.total == 2
+    assert teacher.complete(prompt("broken reply")).text == "Yes" and server.total == 7
 
 
 # -- many calls ---------------------------------------------------------------------------------------------
@@ -203,10 +230,10 @@ def test_complete_many_serves_the_cache_and_calls_duplicates_once(server: OpenAI
 
 def test_complete_many_stores_what_succeeds_and_raises_for_failures(server: OpenAIServer, tmp_path: Path) -> None:
     teacher = make_teacher(server, tmp_path, max_concurrency=1)
-    server.inject("truncated")
+    server.inject("500", "500", "500")  # one call's three tries
     with pytest.raises(TeacherCallError, match="1 of 3 teacher calls failed"):
         teacher.complete_many([prompt(f"p{i}") for i in range(3)])
-    assert len(teacher.cache) == 2 and server.total == 3
+    assert len(teacher.cache) == 2 and server.total == 5
     before = server.total
     assert len(make_teacher(server, tmp_path).complete_many([prompt(f"p{i}") for i in range(3)])) == 3
     assert server.total == before + 1  # only the failed call is made again
@@ -256,9 +283,46 @@ def test_the_api_key_is_never_written(server: OpenAIServer, tmp_path: Path, monk
 
 def test_a_missing_key_variable_is_a_clear_error(server: OpenAIServer, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("DISTILLRANK_MISSING_KEY", raising=False)
-    with pytest.raises(TeacherConfigError, match="'DISTILLRANK_MISSING_KEY'"):
-        make_teacher(server, tmp_path, api_key_env="DISTILLRANK_MISSING_KEY")
-    assert server.total == 0
+    make_teacher(server, tmp_path).complete(prompt("asked before"))
+    teacher = make_teacher(server, tmp_path, api_key_env="DISTILLRANK_MISSING_KEY")
+    # a fully cached run needs no key: it is read only when a call has to be made
+    assert teacher.complete(prompt("asked before")).cached
+    with pytest.raises(TeacherConfigError, match=r"'DISTILLRANK_MISSING_KEY'.*1 answers came from the cache"):
+        teacher.complete(prompt("never asked"))
+    assert server.total == 1
+
+
+def test_a_dead_endpoint_fails_fast(tmp_path: Path) -> None:
+    # accepts connections and never answers; at the default timeout (120 s) and retries (5), a call takes 12 min
+    with HangingServer() as dead:
+        endpoint = EndpointConfig(base_url=dead.base_url, model="m", api_key_env=None)
+        teacher = CachedTeacher(
+            endpoint, SamplingConfig(), TeacherCache(tmp_path), "tpl", breaker=BreakerConfig(probe_timeout_s=1.0)
+        )
+        started = time.perf_counter()
+        with pytest.raises(EndpointDown, match=r"did not answer a probe.*paid for 0 calls.*pays only for the rest"):
+            teacher.complete_many([prompt(f"q{i}") for i in range(20)])
+        elapsed = time.perf_counter() - started
+    assert elapsed < 5, elapsed  # two probe tries of 1 s, and a backoff
+    assert dead.connections <= 2
+
+
+def test_the_breaker_stops_calls_after_consecutive_failures(server: OpenAIServer, tmp_path: Path) -> None:
+    teacher = CachedTeacher(
+        EndpointConfig(base_url=server.base_url, model="m", api_key_env=None, timeout_s=0.5, max_retries=0),
+        SamplingConfig(),
+        TeacherCache(tmp_path),
+        "tpl",
+        breaker=BreakerConfig(consecutive_failures=3),
+        progress=False,
+    )
+    teacher.complete(prompt("ok first"))
+    server.inject(*["500"] * 50)
+    with pytest.raises(EndpointDown, match=r"3 calls in a row failed.*paid for 1 calls"):
+        teacher.complete_many([prompt(f"q{i}") for i in range(20)])
+    assert server.total <= 1 + 3 + 4  # the calls in flight when it tripped finish, no new one starts
+    with pytest.raises(EndpointDown):
+        teacher.complete(prompt("after the trip"))
 
 
 def test_endpoint_config_is_validated() -> None:
@@ -273,7 +337,7 @@ def test_records_written_by_the_client_read_through_the_view(server: OpenAIServe
 
     teacher = make_teacher(server, tmp_path, SamplingConfig(max_tokens=2, top_logprobs=3))
     teacher.complete(prompt("q [1] a [2] b"))
-    server.inject("truncated")
+    server.inject("truncated", "truncated", "truncated")  # every try broken: an error record
     with pytest.raises(TeacherCallError):
         teacher.complete(prompt("q2"))
     rows = (

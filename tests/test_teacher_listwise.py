@@ -1,4 +1,4 @@
-"""Prompt templates, RankGPT prompts, permutation parsing, sliding windows and the listwise driver (no LLM)."""
+"""Prompt templates, RankGPT prompts, permutation parsing, sliding windows and the window walk (no LLM)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,17 @@ import importlib
 import json
 import re
 import shutil
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
 
+from pipeline.config import SamplingConfig
 from pipeline.teacher.listwise import (
-    ListwiseResult,
     ParsedPermutation,
-    apply_permutation,
-    count_rankgpt_calls,
-    is_identity,
     parse_permutation,
     rankgpt_messages,
-    rerank_sliding_window,
     sliding_windows,
     truncate_words,
 )
@@ -29,6 +27,14 @@ from pipeline.teacher.templates import (
     available_templates,
     load_template,
     load_template_file,
+)
+from pipeline.teacher.windows import (
+    WindowWalk,
+    apply_permutation,
+    is_identity,
+    mark_failed_windows,
+    retry_sampling,
+    walk_windows,
 )
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "pipeline" / "teacher" / "templates"
@@ -226,19 +232,6 @@ def test_sliding_windows_cover_every_position_once_per_pass() -> None:
 def test_sliding_windows_reject_bad_sizes(window: int, step: int) -> None:
     with pytest.raises(ValueError):
         sliding_windows(10, window, step)
-    with pytest.raises(ValueError):
-        count_rankgpt_calls(10, window, step)
-
-
-def test_count_rankgpt_calls_matches_our_windows_but_for_rank_llm_s_quirk() -> None:
-    assert count_rankgpt_calls(100, 20, 10) == 9
-    assert count_rankgpt_calls(30, 20, 10) == 2
-    assert count_rankgpt_calls(10, 20, 10) == 0  # n == window - step: rank_llm's loop stops before starting
-    for n in range(0, 60):
-        for window in range(1, 12):
-            for step in range(1, window + 1):
-                expected = 0 if n == window - step else len(sliding_windows(n, window, step))
-                assert count_rankgpt_calls(n, window, step) == expected, (n, window, step)
 
 
 # --- permutations -------------------------------------------------------------------------------------------
@@ -262,7 +255,29 @@ def test_is_identity() -> None:
     assert is_identity(())
 
 
-# --- the driver ---------------------------------------------------------------------------------------------
+# --- the window walk with RankGPT's prompt and parser -------------------------------------------------------
+
+Teacher = Callable[[list[dict[str, str]], int], str]  # (messages, attempt) -> answer
+
+
+def rerank(
+    passages: list[str],
+    teacher: Teacher,
+    window: int = 20,
+    step: int = 10,
+    max_words: int = 300,
+    template: PromptTemplate | None = None,
+    parse_retries: int = 0,
+) -> WindowWalk[ParsedPermutation]:
+    """What ``listwise.teach`` does for one query: RankGPT's windows, prompt and parser through ``walk_windows``
+    (the cache key of each answer is ``key<attempt>``)."""
+    prompt = partial(rankgpt_messages, template or load_template("rankgpt-listwise"), "q", max_words=max_words)
+
+    def ask(messages: list[dict[str, str]], n: int, attempt: int) -> tuple[str, str]:
+        return teacher(messages, attempt), f"key{attempt}"
+
+    windows = sliding_windows(len(passages), window, step)
+    return walk_windows(passages, windows, prompt, parse_permutation, ask, parse_retries)
 
 
 def passages_shown(messages: list[dict[str, str]]) -> list[str]:
@@ -276,7 +291,7 @@ def reverse_each_window(messages: list[dict[str, str]], attempt: int = 0) -> str
     return " > ".join(f"[{i}]" for i in range(k, 0, -1))
 
 
-def test_the_driver_on_seven_passages_by_hand() -> None:
+def test_the_walk_on_seven_passages_by_hand() -> None:
     # n=7, window=4, step=2 gives windows (3,7), (1,5), (0,3); each is reversed in the *current* ranking:
     #   start          [0, 1, 2, 3, 4, 5, 6]
     #   (3,7) 3 4 5 6 -> 6 5 4 3:  [0, 1, 2, 6, 5, 4, 3]
@@ -289,8 +304,8 @@ def test_the_driver_on_seven_passages_by_hand() -> None:
         seen.append(passages_shown(messages))
         return reverse_each_window(messages)
 
-    result = rerank_sliding_window("q", passages, ask, window=4, step=2, max_words=50)
-    assert isinstance(result, ListwiseResult)
+    result = rerank(passages, ask, window=4, step=2, max_words=50)
+    assert isinstance(result, WindowWalk)
     assert result.order == (6, 5, 0, 2, 1, 4, 3)
     assert [(c.start, c.end) for c in result.calls] == [(3, 7), (1, 5), (0, 3)]
     assert [c.passages for c in result.calls] == [(3, 4, 5, 6), (1, 2, 6, 5), (0, 5, 6)]
@@ -298,19 +313,20 @@ def test_the_driver_on_seven_passages_by_hand() -> None:
     assert [c.response for c in result.calls] == ["[4] > [3] > [2] > [1]", "[4] > [3] > [2] > [1]", "[3] > [2] > [1]"]
     assert all(c.parsed.status == "ok" and not c.identity for c in result.calls)
     assert all(len(c.messages) == 2 * (c.end - c.start) + 4 for c in result.calls)
+    assert all(c.attempt_keys == ("key0",) and c.key == "key0" for c in result.calls)
     assert result.identity_calls == 0 and result.failed_calls == 0
 
 
 def test_identity_and_failed_windows_leave_the_ranking_alone() -> None:
     passages = [f"p{i}" for i in range(7)]
-    keep = rerank_sliding_window("q", passages, lambda m, attempt=0: "[1] > [2] > [3] > [4]", window=4, step=2)
+    keep = rerank(passages, lambda m, attempt=0: "[1] > [2] > [3] > [4]", window=4, step=2)
     # the last window has 3 passages: "[4]" is out of range there, so that call is repaired, still the identity
     assert keep.order == tuple(range(7))
     assert [c.identity for c in keep.calls] == [True, True, True]
     assert [c.parsed.status for c in keep.calls] == ["ok", "ok", "repaired"]
     assert keep.identity_calls == 3
 
-    silent = rerank_sliding_window("q", passages, lambda m, attempt=0: "", window=4, step=2)
+    silent = rerank(passages, lambda m, attempt=0: "", window=4, step=2)
     assert silent.order == tuple(range(7))
     assert silent.failed_calls == 3 and silent.identity_calls == 3
 
@@ -324,30 +340,30 @@ def test_a_model_that_prefers_one_passage_carries_it_to_the_top() -> None:
         first = shown.index("the answer") + 1 if "the answer" in shown else 1
         return f"[{first}]"  # partial answers: the rest keep their order
 
-    result = rerank_sliding_window("q", passages, ask, window=4, step=3)
+    result = rerank(passages, ask, window=4, step=3)
     assert result.order[0] == 9
     assert result.order[1:] == tuple(range(9))
     assert all(c.parsed.status == "repaired" for c in result.calls)
 
 
-def test_the_driver_with_few_or_no_passages() -> None:
-    one_window = rerank_sliding_window("q", ["a", "b"], reverse_each_window)
+def test_the_walk_with_few_or_no_passages() -> None:
+    one_window = rerank(["a", "b"], reverse_each_window)
     assert one_window.order == (1, 0) and len(one_window.calls) == 1
     assert one_window.calls[0].start == 0 and one_window.calls[0].end == 2
 
     def never(messages: list[dict[str, str]], attempt: int = 0) -> str:
         raise AssertionError("no call for an empty list")
 
-    empty = rerank_sliding_window("q", [], never)
+    empty = rerank([], never)
     assert empty.order == () and empty.calls == ()
 
 
-def test_the_driver_uses_the_given_template(tmp_path: Path) -> None:
+def test_the_walk_uses_the_given_template(tmp_path: Path) -> None:
     raw = json.loads((TEMPLATE_DIR / "rankgpt-listwise.json").read_text(encoding="utf-8"))
     raw["parts"]["system"] = "You rank passages."
     custom = load_template_file(_write(tmp_path, raw))
     assert isinstance(custom, PromptTemplate)
-    result = rerank_sliding_window("q", ["a", "b"], reverse_each_window, template=custom)
+    result = rerank(["a", "b"], reverse_each_window, template=custom)
     assert result.calls[0].messages[0]["content"] == "You rank passages."
 
 
@@ -359,14 +375,40 @@ def test_failed_parse_is_asked_again_with_the_attempt_number() -> None:
         attempts.append(attempt)
         return "I cannot rank these." if attempt == 0 else "[2] > [1]"
 
-    fixed = rerank_sliding_window("q", ["a", "b"], garbage_then_good, parse_retries=2)
+    fixed = rerank(["a", "b"], garbage_then_good, parse_retries=2)
     assert attempts == [0, 1]
     assert fixed.order == (1, 0)
     assert fixed.calls[0].attempts == 2 and fixed.failed_calls == 0
+    assert fixed.calls[0].attempt_keys == ("key0", "key1") and fixed.calls[0].key == "key1"
 
     attempts.clear()
-    hopeless = rerank_sliding_window(
-        "q", ["a", "b"], lambda m, attempt=0: attempts.append(attempt) or "no", parse_retries=2
-    )
+    hopeless = rerank(["a", "b"], lambda m, attempt=0: attempts.append(attempt) or "no", parse_retries=2)
     assert attempts == [0, 1, 2]
     assert hopeless.order == (0, 1) and hopeless.failed_calls == 1 and hopeless.calls[0].attempts == 3
+    assert hopeless.calls[0].attempt_keys == ("key0", "key1", "key2")  # every attempt's answer, to be marked
+
+
+def test_retries_sample_with_a_seed_of_their_own() -> None:
+    base = SamplingConfig(temperature=0.0, max_tokens=160, seed=None)
+    assert retry_sampling(base, 0, 0.7) is base  # the first attempt is the configured call, key unchanged
+    assert [retry_sampling(base, a, 0.7).seed for a in (1, 2)] == [1, 2]
+    assert retry_sampling(base, 1, 0.7).temperature == 0.7 and retry_sampling(base, 1, 0.7).max_tokens == 160
+
+
+def test_only_the_windows_that_stayed_unusable_are_marked() -> None:
+    passages = [f"p{i}" for i in range(7)]
+    marked: list[tuple[str, str]] = []
+
+    class Client:
+        def mark_unusable(self, key: str, reason: str) -> bool:
+            marked.append((key, reason))
+            return True
+
+    # windows (3,7), (1,5), (0,3): the middle one never gets an id it can use, the others parse at once
+    def teacher(messages: list[dict[str, str]], attempt: int = 0) -> str:
+        return "none" if passages_shown(messages)[0] == "p1" else "[1]"
+
+    walk = rerank(passages, teacher, window=4, step=2, parse_retries=1)
+    assert [c.parsed.status for c in walk.calls] == ["repaired", "failed", "repaired"]
+    assert mark_failed_windows({"q": walk}, Client(), "listwise", "no usable id in the answer") == 2
+    assert marked == [(k, "listwise: no usable id in the answer after 2 attempts") for k in ("key0", "key1")]

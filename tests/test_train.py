@@ -144,7 +144,7 @@ def test_build_errors_name_the_missing_step(tmp_path: Path) -> None:
 
 
 def test_build_cli_reports_missing_labels(tmp_path: Path) -> None:
-    params = tiny_params(tmp_path, teach={"tiny": {"split": "train"}})
+    params = tiny_params(tmp_path, teach={"collection": {"tiny": {"split": "train"}}})
     write_params(tmp_path / "params.yaml", params)
     result = run_cli(["distillrank", "stage", "build", "tiny", "--params", "params.yaml"], cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and "run `distillrank stage teach tiny`" in result.stderr

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import schemas
-from pipeline.config import BuildConfig, ConfigError, Params, Paths, TeachTarget
+from pipeline.config import BuildConfig, ConfigError, Params, Paths, TeachTarget, teach_key
 from pipeline.io import read_table, write_table
 from pipeline.lucene import document_contents
 from pipeline.teacher.imported import list_name
@@ -119,7 +119,9 @@ def run(name: str, target: TeachTarget, cfg: BuildConfig, paths: Paths) -> dict:
         name, rankings, queries, corpus, cfg, keep_dev_split=target.queries == "synthetic"
     )
     if examples.empty:
-        raise ConfigError(f"teach.{name}: none of the teacher's ranked documents/queries are in the collection")
+        raise ConfigError(
+            f"{teach_key(name, target)}: none of the teacher's ranked documents/queries are in the collection"
+        )
     spec = schemas.TABLES["training_examples"]
     out = paths.training_dir(name) / spec.filename
     write_table(examples, spec.schema, out)
@@ -143,7 +145,9 @@ def run(name: str, target: TeachTarget, cfg: BuildConfig, paths: Paths) -> dict:
 def _body(params: Params, name: str | None) -> dict:
     assert name is not None
     if name not in params.teach:
-        raise ConfigError(f"teach.{name}: not a teach target in params.yaml (targets: {sorted(params.teach)})")
+        raise ConfigError(
+            f"{name}: not a teach target in params.yaml (teach.collection / teach.synthetic: {sorted(params.teach)})"
+        )
     return run(name, params.teach[name], params.build, params.paths)
 
 

@@ -104,9 +104,10 @@ def run(name: str, target: SynthesizeTarget, teacher: TeacherConfig, paths: Path
                     f"teacher.endpoint: synthesize.{name}.generator 'llm' with backend 'openai' needs an endpoint "
                     f"(or set synthesize.{name}.generator: doc2query)"
                 )
-            from pipeline.stages.teach import teacher_endpoint
             from pipeline.teacher.cache import TeacherCache
             from pipeline.teacher.client import CachedTeacher
+            from pipeline.teacher.endpoint import teacher_endpoint
+            from pipeline.teacher.outcome import calls_summary
             from pipeline.teacher.templates import load_template
 
             template = load_template(target.template)
@@ -114,21 +115,22 @@ def run(name: str, target: SynthesizeTarget, teacher: TeacherConfig, paths: Path
             with contextlib.ExitStack() as stack:
                 endpoint = stack.enter_context(teacher_endpoint(teacher, paths))
                 cache = stack.enter_context(TeacherCache(synthesize_cache_dir(paths, name)))
-                client = CachedTeacher(endpoint, sampling, cache, template.sha256, budget=teacher.budget)
+                client = CachedTeacher(
+                    endpoint,
+                    sampling,
+                    cache,
+                    template.sha256,
+                    budget=teacher.budget,
+                    max_unusable_tries=teacher.max_unusable_tries,
+                    breaker=teacher.breaker,
+                )
                 generator: QueryGenerator = LlmQueryGenerator(client, template, sampling)
                 generated, generation_rejects = generate_queries(generator, documents, target.generated, seen)
                 counters = client.counters
             generation.update(
                 model=endpoint.model,
                 template=template.ref,
-                calls={
-                    "paid": counters.calls,
-                    "cached": counters.cached,
-                    "errors": counters.errors,
-                    "prompt_tokens": counters.prompt_tokens,
-                    "completion_tokens": counters.completion_tokens,
-                    "estimated_cost_usd": round(counters.cost_usd, 6),
-                },
+                calls=calls_summary(counters),
                 stopped_early=generator.stopped,
             )
         else:

@@ -16,7 +16,14 @@ kill at any moment and to be read by anything:
 - The fsync per record costs about a millisecond, against the seconds an LLM call takes.
 
 Only ``ok`` records are served from the cache; ``error`` records are kept for inspection and the call is made
-again on the next run. Records never hold HTTP headers or the API key, by construction.
+again on the next run. An answer that came back but cannot be used (empty, or not parseable after the method's
+retries) is ``unusable``: stored with its cost, never served as a usable answer, asked again by a later run until
+it has been tried ``max_tries`` times (then served as it is, so the method falls back as it did). An answer found
+unusable after it was stored as ``ok`` gets an ``unusable`` marker record (no tokens: the ``ok`` line keeps the
+cost). Records never hold HTTP headers or the API key, by construction.
+
+``purge`` rewrites the shards without some keys' records (``distillrank cache purge``); it must run while nothing
+else writes to the folder.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import os
 import secrets
 import threading
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,7 +46,9 @@ from pipeline.io import atomic_path
 
 SHARD_GLOB = "calls-*.jsonl"
 
-Status = Literal["ok", "error"]
+Status = Literal["ok", "error", "unusable"]
+# What a key is in the cache as a whole: its last usable-or-not answer decides; "error": only failed calls.
+KeyState = Literal["ok", "error", "unusable"]
 
 
 def _normalise(value: Any) -> Any:
@@ -129,6 +139,7 @@ class CacheStats:
     ok: int  # ok records (duplicates of a key included)
     errors: int  # error records
     keys: int  # distinct keys served from the cache
+    unusable_keys: int  # keys whose last answer is unusable (asked again until their tries are spent)
     torn_lines: int  # unreadable lines skipped (a torn last line after a kill)
     written: int  # records this process appended
 
@@ -177,6 +188,12 @@ class TeacherCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._index: dict[str, CallRecord] = {}
+        # the keys whose latest answer is unusable, with that answer (such a key is not in _index) ...
+        self._unusable: dict[str, CallRecord] = {}
+        # ... and how many answers to a key were found unusable over time (kept when a later answer is ok, so
+        # that a teacher repeating one bad answer is asked a bounded number of times, not once per run)
+        self._unusable_tries: Counter[str] = Counter()
+        self._error_keys: set[str] = set()  # keys with an error record
         self._shard: Path | None = None
         self._handle: IO[bytes] | None = None
         self._shards = self._records = self._ok = self._errors = self._torn = self._written = 0
@@ -191,15 +208,71 @@ class TeacherCache:
         self._records += 1
         if record.ok:
             self._ok += 1
-            # the first ok answer for a key wins: later duplicates (two runs racing on one key) are the same call
-            self._index.setdefault(record.key, record)
+            if self._unusable.pop(record.key, None) is not None:
+                self._index[record.key] = record  # asked again after an unusable answer: the new answer stands
+            else:
+                # the first ok answer for a key wins: later duplicates (two runs racing on one key) are one call
+                self._index.setdefault(record.key, record)
+        elif record.status == "unusable":
+            # a marker of an ok answer (no text of its own), or an answer stored as unusable when it came back
+            answer = self._index.pop(record.key, None)
+            if record.response_text is None and answer is not None:
+                record = dataclasses.replace(answer, status="unusable", error=record.error)
+            self._unusable[record.key] = record
+            self._unusable_tries[record.key] += 1
         else:
             self._errors += 1
+            self._error_keys.add(record.key)
 
     def get(self, key: str) -> CallRecord | None:
-        """The ok record for ``key``, or None (error records are never served)."""
+        """The ok record for ``key``, or None (error and unusable records are never served as ok)."""
         with self._lock:
             return self._index.get(key)
+
+    def unusable(self, key: str) -> tuple[int, CallRecord | None]:
+        """How many answers to ``key`` were found unusable so far, and the latest answer if it is one of them
+        (None when the key's latest answer is ok, or it has none).
+
+        >>> import tempfile
+        >>> cache = TeacherCache(tempfile.mkdtemp())
+        >>> cache.put(CallRecord("k", "m", "t", {}, "", None, 3, 0, 0.1, "unusable", "empty answer", "", "r"))
+        >>> tries, record = cache.unusable("k")
+        >>> tries, record.error, cache.get("k"), cache.key_states()
+        (1, 'empty answer', None, {'k': 'unusable'})
+        """
+        with self._lock:
+            return self._unusable_tries[key], self._unusable.get(key)
+
+    def mark_unusable(self, key: str, reason: str, run_id: str) -> bool:
+        """Record that the ok answer to ``key`` cannot be used (``reason``); a later run asks again. False (and
+        nothing written) when ``key`` has no ok answer to mark."""
+        with self._lock:
+            answer = self._index.get(key)
+        if answer is None:
+            return False
+        marker = dataclasses.replace(
+            answer,
+            response_text=None,
+            logprobs=None,
+            prompt_tokens=0,
+            completion_tokens=0,
+            latency_s=0.0,
+            status="unusable",
+            error=reason,
+            timestamp=utc_now(),
+            run_id=run_id,
+        )
+        self.put(marker)
+        return True
+
+    def key_states(self) -> dict[str, KeyState]:
+        """Every key's state: ``ok`` (served), ``unusable`` (its latest answer: asked again, or served as it is
+        once its tries are spent) or ``error`` (only failed calls)."""
+        with self._lock:
+            states: dict[str, KeyState] = dict.fromkeys(self._error_keys, "error")
+            states.update(dict.fromkeys(self._index, "ok"))
+            states.update(dict.fromkeys(self._unusable, "unusable"))
+            return states
 
     def __contains__(self, key: object) -> bool:
         with self._lock:
@@ -241,6 +314,7 @@ class TeacherCache:
                 ok=self._ok,
                 errors=self._errors,
                 keys=len(self._index),
+                unusable_keys=len(self._unusable),
                 torn_lines=self._torn,
                 written=self._written,
             )
@@ -257,41 +331,45 @@ class TeacherCache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def compact(self, keep_errors: bool = False) -> Path | None:
-        """Rewrite every shard as one: one ok record per key (and, with ``keep_errors``, the error records).
+    def purge(self, keys: set[str]) -> int:
+        """Remove every record of ``keys`` from the folder; returns how many records went.
 
-        Only run it when no other process is writing to the folder: it deletes the shards it read. The new
-        shard is renamed into place before the old ones go, so a crash in between leaves duplicates (harmless:
-        the first ok record of a key wins), never a loss. Returns the new shard (None for an empty folder).
+        Each shard that holds one is rewritten without them (a new file renamed over the old: a crash leaves
+        the old shard or the new, never half of one). Only run it when no other process writes to the folder.
         """
+        removed = 0
         with self._lock:
             if self._handle is not None:
                 self._handle.close()
                 self._handle = None
-            old = shard_paths(self.folder)
-            if not old:
-                return None
-            kept: dict[str, CallRecord] = {}
-            errors: list[CallRecord] = []
-            for path in old:
-                for record in read_shard(path).records:
-                    if record.ok:
-                        kept.setdefault(record.key, record)
-                    elif keep_errors:
-                        errors.append(record)
-            target = self.folder / new_shard_name()
-            with atomic_path(target) as tmp, tmp.open("wb") as handle:
-                for record in [*kept.values(), *errors]:
-                    handle.write((record.to_json() + "\n").encode("utf-8"))
-                handle.flush()
-                os.fsync(handle.fileno())
-            for path in old:
-                path.unlink()
-            self._shard = None
-            self._index = dict(kept)
-            self._shards, self._records = 1, len(kept) + len(errors)
-            self._ok, self._errors, self._torn = len(kept), len(errors), 0
-            return target
+                self._shard = None
+            for path in shard_paths(self.folder):
+                lines = path.read_bytes().splitlines(keepends=True)
+                kept = [line for line in lines if _line_key(line) not in keys]
+                if len(kept) == len(lines):
+                    continue
+                removed += len(lines) - len(kept)
+                if not kept:
+                    path.unlink()
+                    continue
+                with atomic_path(path) as tmp, tmp.open("wb") as handle:
+                    handle.writelines(kept)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            for key in keys:
+                self._index.pop(key, None)
+                self._unusable.pop(key, None)
+                self._unusable_tries.pop(key, None)
+                self._error_keys.discard(key)
+        return removed
+
+
+def _line_key(line: bytes) -> str | None:
+    """The key of a stored line (None for a torn one, which a purge keeps: it is skipped on reading anyway)."""
+    try:
+        return json.loads(line).get("key")
+    except (ValueError, AttributeError):
+        return None
 
 
 # The columns of the ``teacher_calls`` view, typed explicitly so that an empty shard, a torn line or a shard

@@ -12,13 +12,20 @@ What the ``openai`` client (3.54) does with a broken 200 reply, which it does no
 - a body labelled as something else (an HTML error page from a proxy): no error at all, ``create`` returns the
   body as a ``str`` (strict response validation is off by default), so we check the type ourselves;
 - a connection dropped mid-body: ``APIConnectionError``, which it does retry.
+The first three are retried here (``_request``), with exponential backoff, up to ``max_retries`` times too.
+
+A dead endpoint fails fast: before its first call the client checks that the endpoint answers at all (``GET
+/models`` within ``BreakerConfig.probe_timeout_s``, no retry; any HTTP status counts as alive), and after
+``BreakerConfig.consecutive_failures`` failed calls in a row it starts no new call (``EndpointDown``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import json
 import os
+import random
 import threading
 import time
 import uuid
@@ -30,7 +37,7 @@ import openai
 from openai.types.chat import ChatCompletion
 from tqdm import tqdm
 
-from pipeline.config import Budget, EndpointConfig, SamplingConfig
+from pipeline.config import BreakerConfig, Budget, EndpointConfig, SamplingConfig
 from pipeline.teacher.cache import CallRecord, TeacherCache, call_key, utc_now
 
 Messages = Sequence[Mapping[str, Any]]
@@ -52,6 +59,11 @@ class TeacherCallError(RuntimeError):
         self.cause = cause
 
 
+class EndpointDown(TeacherCallError):
+    """The endpoint does not answer (the probe failed, or too many calls in a row failed): no new call starts.
+    Every answer received so far is in the cache, so a re-run pays only for the rest."""
+
+
 class BudgetExceeded(RuntimeError):
     """The next call would exceed the budget. Every call made so far is in the cache."""
 
@@ -65,6 +77,7 @@ class TeacherCounters:
     calls: int = 0  # calls made to the endpoint that succeeded
     cached: int = 0  # answers served from the cache (or from an identical call earlier in the same batch)
     errors: int = 0  # calls that failed after retries
+    unusable: int = 0  # answers that came back but could not be used (empty, or unparseable after retries)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -188,6 +201,21 @@ class _BadReply(ValueError):
     """A 200 reply that is not a usable chat completion."""
 
 
+# What a broken 200 reply raises (see the module docstring): retried here, with backoff.
+BROKEN_REPLY = (_BadReply, json.JSONDecodeError, UnicodeDecodeError)
+
+
+def backoff_seconds(attempt: int, base: float = 0.5, cap: float = 8.0) -> float:
+    """The wait before retry ``attempt + 1``: exponential (``base * 2**attempt``, at most ``cap``), with up to 25%
+    jitter so that concurrent calls do not retry in step.
+
+    >>> [0.5 <= backoff_seconds(0) <= 0.625, 8.0 <= backoff_seconds(10) <= 10.0]
+    [True, True]
+    """
+    delay = min(base * 2**attempt, cap)
+    return delay * (1 + random.random() / 4)
+
+
 def _check_reply(reply: object) -> ChatCompletion:
     if not isinstance(reply, ChatCompletion):
         preview = str(reply)[:200]
@@ -216,6 +244,8 @@ class CachedTeacher:
         run_id: str | None = None,
         budget: Budget | None = None,
         progress: bool = True,
+        max_unusable_tries: int = 3,
+        breaker: BreakerConfig | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.sampling = sampling
@@ -224,8 +254,15 @@ class CachedTeacher:
         self.run_id = run_id or f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
         self.budget = budget or Budget()
         self.progress = progress
-        self._api_key = resolve_api_key(endpoint.api_key_env)  # read here only; never stored in a record
-        self._client = make_client(endpoint, self._api_key)
+        self.max_unusable_tries = max_unusable_tries
+        self.breaker = breaker or BreakerConfig()
+        self._consecutive_failures = 0
+        self._down: str | None = None  # why the breaker stopped the calls, once it has
+        # the key is read (and the client made) when the first call has to be made, so a fully cached run needs
+        # no key; it is never stored in a record
+        self._api_key: str | None = None
+        self._client: openai.OpenAI | None = None
+        self._client_lock = threading.Lock()
         self._lock = threading.Lock()
         self._counters = TeacherCounters()
         self._in_flight = 0
@@ -241,7 +278,9 @@ class CachedTeacher:
             self._counters = _plus(self._counters, **deltas)
 
     def _reserve(self) -> None:
-        """Admit one more call to the endpoint, or raise ``BudgetExceeded``."""
+        """Admit one more call to the endpoint, or raise ``BudgetExceeded`` (or ``EndpointDown``)."""
+        if self._down is not None:
+            raise self.endpoint_down()
         with self._lock:
             refusal = budget_refusal(self.budget, self._counters, self._in_flight)
             if refusal is not None:
@@ -250,7 +289,68 @@ class CachedTeacher:
 
     def _redact(self, text: str) -> str:
         # An error body may echo the request's Authorization header (a proxy's error page does): never store it.
-        return text.replace(self._api_key, "<redacted>") if self._api_key != NO_KEY else text
+        return text.replace(self._api_key, "<redacted>") if self._api_key not in (None, NO_KEY) else text
+
+    def _openai(self) -> openai.OpenAI:
+        """The endpoint's client, made on the first call that has to be made (the key is read then)."""
+        with self._client_lock:
+            if self._client is None:
+                try:
+                    self._api_key = resolve_api_key(self.endpoint.api_key_env)
+                except TeacherConfigError as err:
+                    cached = self.counters.cached
+                    raise TeacherConfigError(
+                        f"{err}; {cached} answers came from the cache, and the next one has to be asked"
+                    ) from None
+                client = make_client(self.endpoint, self._api_key)
+                self._probe(client)
+                self._client = client
+            return self._client
+
+    def _probe(self, client: openai.OpenAI) -> None:
+        """Fail fast on an endpoint that does not answer: one cheap request, bounded by the probe timeout."""
+        try:
+            client.with_options(timeout=self.breaker.probe_timeout_s, max_retries=0).models.list()
+        except openai.APIStatusError:
+            return  # it answered (a server without /models says 404): alive
+        except openai.APIError as err:
+            self._trip(
+                f"{self.endpoint.base_url} did not answer a probe within {self.breaker.probe_timeout_s:g} s "
+                f"({type(err).__name__}: {err})"
+            )
+            raise self.endpoint_down() from err
+
+    def _trip(self, reason: str) -> None:
+        with self._lock:
+            self._down = self._down or reason
+
+    def endpoint_down(self) -> EndpointDown:
+        """The error that stops a run on a dead endpoint: what was done, and what a re-run costs."""
+        counters = self.counters
+        return EndpointDown(
+            f"the teacher endpoint looks down: {self._down}. Stopped calling it; this run paid for "
+            f"{counters.calls} calls and served {counters.cached} from the cache, all kept in the cache, so a "
+            f"re-run pays only for the rest (teacher.breaker sets when to stop)"
+        )
+
+    def mark_unusable(self, key: str, reason: str) -> bool:
+        """Record that the answer to ``key`` could not be used (``reason``): a later run asks again, up to
+        ``max_unusable_tries`` answers in all. False when there was no usable answer to mark (already unusable)."""
+        marked = self.cache.mark_unusable(key, reason, self.run_id)
+        if marked:
+            self._add(unusable=1)
+        return marked
+
+    def _served(self, key: str) -> CallRecord | None:
+        """The stored answer to serve for ``key``: an ok one, or an unusable one whose tries are spent (the method
+        then falls back as it did the first time, and nothing is paid again)."""
+        record = self.cache.get(key)
+        if record is not None:
+            return record
+        tries, unusable = self.cache.unusable(key)
+        if unusable is not None and tries >= self.max_unusable_tries:
+            return unusable
+        return None
 
     # -- calls ----------------------------------------------------------------------------------------------
     def key(
@@ -273,10 +373,11 @@ class CachedTeacher:
         ``response_format`` is passed to the endpoint as it is (e.g. ``{"type": "json_schema", ...}``)."""
         sampling = sampling_override or self.sampling
         key = self.key(messages, sampling, response_format)
-        record = self.cache.get(key)
+        record = self._served(key)
         if record is not None:
             self._add(cached=1)
             return result_from_record(record, cached=True)
+        self._openai()  # the key is needed now (a clear error before anything is reserved)
         self._reserve()
         return self._call(key, messages, sampling, response_format)
 
@@ -296,6 +397,7 @@ class CachedTeacher:
                     "prompt_tokens": record.prompt_tokens,
                     "completion_tokens": record.completion_tokens,
                     "cost_usd": self.budget.cost(record.prompt_tokens, record.completion_tokens),
+                    "unusable": int(record.status == "unusable"),
                 }
             )
             # leaving the in-flight count and adding the spend in one step: a budget check in between would
@@ -303,11 +405,17 @@ class CachedTeacher:
             with self._lock:
                 self._in_flight -= 1
                 self._counters = _plus(self._counters, **deltas)
+                self._consecutive_failures = self._consecutive_failures + 1 if error is not None else 0
+                tripped = self._consecutive_failures >= self.breaker.consecutive_failures
                 settled = True
+            if tripped:
+                self._trip(f"{self._consecutive_failures} calls in a row failed (the last: {record.error})")
         finally:
             if not settled:
                 with self._lock:
                     self._in_flight -= 1
+        if error is not None and self._down is not None:
+            raise self.endpoint_down() from error
         if error is not None:
             raise TeacherCallError(f"teacher call {key[:12]} failed: {record.error}", key=key, cause=error) from error
         return result_from_record(record, cached=False)
@@ -321,48 +429,65 @@ class CachedTeacher:
         if response_format is not None:
             request["response_format"] = extra["response_format"] = response_format
         common = {"key": key, "model": self.endpoint.model, "template_hash": self.template_hash, "request": request}
+        client = self._openai()
         started = time.perf_counter()
-        try:
-            reply = self._client.chat.completions.create(
-                model=self.endpoint.model, messages=request["messages"], **sampling.request_kwargs(), **extra
-            )
-            completion = _check_reply(reply)
-        except Exception as err:  # the openai client's errors, and the JSON/Unicode errors of a broken body
-            record = CallRecord(
-                **common,
-                response_text=None,
-                logprobs=None,
-                prompt_tokens=0,
-                completion_tokens=0,
-                latency_s=time.perf_counter() - started,
-                status="error",
-                error=self._redact(f"{type(err).__name__}: {err}"),
-                timestamp=utc_now(),
-                run_id=self.run_id,
-            )
-            return record, err
+        attempt = 0
+        while True:
+            try:
+                reply = client.chat.completions.create(
+                    model=self.endpoint.model, messages=request["messages"], **sampling.request_kwargs(), **extra
+                )
+                completion = _check_reply(reply)
+                break
+            except BROKEN_REPLY as err:
+                # a 200 whose body is not a chat completion (cut short, not JSON, an HTML page): transient, as a
+                # proxy's or an overloaded server's are, and the openai client does not retry it
+                if attempt >= self.endpoint.max_retries:
+                    return self._error_record(common, started, err), err
+                time.sleep(backoff_seconds(attempt))
+                attempt += 1
+            except Exception as err:  # the openai client's errors, after its own retries
+                return self._error_record(common, started, err), err
         usage = completion.usage  # some servers leave it out
         choice = completion.choices[0]
+        text = choice.message.content
+        logprobs = stored_logprobs(completion)
+        # an answer with no text (and no log-probabilities to score) is never usable: stored with its cost, and
+        # asked again by a later run (see ``max_unusable_tries``)
+        empty = not (text or "").strip() and not logprobs
         record = CallRecord(
             **common,
-            response_text=choice.message.content,
-            logprobs=stored_logprobs(completion),
+            response_text=text,
+            logprobs=logprobs,
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
             latency_s=time.perf_counter() - started,
-            status="ok",
-            error=None,
+            status="unusable" if empty else "ok",
+            error="empty answer" if empty else None,
             timestamp=utc_now(),
             run_id=self.run_id,
             finish_reason=choice.finish_reason,
         )
         return record, None
 
+    def _error_record(self, common: dict[str, Any], started: float, err: BaseException) -> CallRecord:
+        return CallRecord(
+            **common,
+            response_text=None,
+            logprobs=None,
+            prompt_tokens=0,
+            completion_tokens=0,
+            latency_s=time.perf_counter() - started,
+            status="error",
+            error=self._redact(f"{type(err).__name__}: {err}"),
+            timestamp=utc_now(),
+            run_id=self.run_id,
+        )
+
     def complete_many(
         self,
         batch: Sequence[Messages],
         sampling_override: SamplingConfig | None = None,
-        max_errors: int = 10,
         desc: str = "teacher",
         response_format: dict | None = None,
     ) -> list[CallResult]:
@@ -370,8 +495,8 @@ class CachedTeacher:
 
         Cached answers are served first; identical messages in the batch are called once. Each answer is stored
         as soon as it arrives. A failed call does not stop the others (they are stored; a re-run retries only the
-        failures), but after ``max_errors`` failures no new call starts (the endpoint is likely down); either
-        way ``TeacherCallError`` is raised at the end. ``BudgetExceeded`` stops new calls at once, lets those in
+        failures), but once the breaker trips no new call starts and ``EndpointDown`` is raised; otherwise
+        ``TeacherCallError`` is raised at the end. ``BudgetExceeded`` stops new calls at once, lets those in
         flight finish (and be stored), then is raised.
         """
         sampling = sampling_override or self.sampling
@@ -379,13 +504,15 @@ class CachedTeacher:
         results: list[CallResult | None] = [None] * len(batch)
         to_call: dict[str, list[int]] = {}  # key -> its positions in the batch (the first one is called)
         for index, key in enumerate(keys):
-            record = self.cache.get(key)
+            record = self._served(key)
             if record is not None:
                 results[index] = result_from_record(record, cached=True)
             else:
                 to_call.setdefault(key, []).append(index)
         served = len(batch) - sum(len(positions) for positions in to_call.values())
         self._add(cached=served)
+        if to_call:
+            self._openai()  # the key is needed now (a clear error before any call starts)
 
         made = 0
         failures: list[TeacherCallError] = []
@@ -398,7 +525,7 @@ class CachedTeacher:
             try:
                 while True:
                     # top up to max_concurrency running calls: no queue of thousands of futures to cancel on a stop
-                    while stop is None and len(failures) < max_errors and len(running) < self.endpoint.max_concurrency:
+                    while stop is None and self._down is None and len(running) < self.endpoint.max_concurrency:
                         item = next(pending, None)
                         if item is None:
                             break
@@ -432,6 +559,8 @@ class CachedTeacher:
         self._add(cached=sum(len(positions) - 1 for positions in to_call.values() if results[positions[0]]))
         if stop is not None:  # raised now, with the counters of everything done, in-flight calls included
             raise BudgetExceeded(f"{stop} (stopped after {made} calls in this batch)", self.counters) from None
+        if self._down is not None:
+            raise self.endpoint_down() from (failures[0] if failures else None)
         if failures:
             first = failures[0]
             raise TeacherCallError(

@@ -9,6 +9,8 @@ each of their lists, with each list's own rank (lists are never merged: ``build`
 rank_llm writes its reranked requests as JSON (a list) or JSONL (one request a line), each
 ``{"query": {"text": ..., "qid": ...}, "candidates": [{"docid": ..., "score": ..., "doc": {...}}, ...]}`` with
 the candidates in the reranked order. Errors name the file (and the line for JSONL and TREC).
+
+``teach`` gives a pool's queries their imported labels (the same signature as the other methods: it calls no one).
 """
 
 from __future__ import annotations
@@ -17,12 +19,20 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
 
 from pipeline.config import ImportedConfig
 from pipeline.io import RunFormatError, read_trec_run
+from pipeline.teacher.outcome import RATIONALE_COLUMNS, Pool, TeachOutcome
+
+if TYPE_CHECKING:
+    from pipeline.config import TeacherConfig
+    from pipeline.teacher.client import CachedTeacher
+
+# each imported label's provenance: its file's teacher, the first stage it reranked, the file's sha256
+PROVENANCE_COLUMNS = ["model", "first_stage", "template_hash"]
 
 
 class LabelsImportError(ValueError):
@@ -35,7 +45,7 @@ def file_hash(path: Path) -> str:
 
 
 def _rank_llm_requests(path: Path) -> list[tuple[int, dict]]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a byte order mark (some editors write one) is no JSON
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -167,3 +177,52 @@ def import_files(cfg: ImportedConfig) -> ImportedLabels:
     return ImportedLabels(
         pd.concat(frames, ignore_index=True), pd.concat(reasons, ignore_index=True) if reasons else None, summaries
     )
+
+
+def rank_within_pool(rankings: pd.DataFrame, candidates: pd.DataFrame) -> pd.DataFrame:
+    """The imported ranking restricted to each query's candidates; candidates it did not rank come last, in
+    first-stage order (a reranker's output over the pool). Columns of ``rankings`` are kept; missing ones are
+    null-scored.
+
+    >>> r = pd.DataFrame({"query_id": "q", "doc_id": ["x", "b", "a"], "teacher_rank": [1, 2, 3], "score": [3., 2, 1]})
+    >>> c = pd.DataFrame({"query_id": "q", "doc_id": ["a", "b", "c"], "rank": [1, 2, 3]})
+    >>> rank_within_pool(r, c)[["doc_id", "teacher_rank"]].values.tolist()
+    [['b', 1], ['a', 2], ['c', 3]]
+    """
+    merged = candidates[["query_id", "doc_id", "rank"]].merge(
+        rankings.drop(columns=["rank"], errors="ignore"), on=["query_id", "doc_id"], how="left"
+    )
+    unranked = merged["teacher_rank"].isna()
+    merged = merged.assign(_unranked=unranked).sort_values(
+        ["query_id", "_unranked", "teacher_rank", "rank"], kind="stable"
+    )
+    merged["teacher_rank"] = merged.groupby("query_id", sort=False).cumcount() + 1
+    # candidates the file did not rank carry its provenance too (one file at a time)
+    for column in PROVENANCE_COLUMNS:
+        if column in rankings and len(rankings):
+            merged[column] = rankings[column].iloc[0]
+    return merged.drop(columns=["rank", "_unranked"]).reset_index(drop=True)
+
+
+def teach(pool: Pool, client: CachedTeacher | None, teacher: TeacherConfig) -> TeachOutcome:
+    """Every imported file's rankings of the pool's queries (documents outside the pool are kept: they are labels),
+    with each file's ``PROVENANCE_COLUMNS``, and an R2R file's rationales (with their file's model and
+    template_hash). ``client`` is not used: imported labels make no call."""
+    labels = import_files(teacher.imported)
+    rankings, files = labels.rankings, labels.files
+    wanted = set(pool.queries.query_id)
+    covered = rankings[rankings.query_id.isin(wanted)]
+    stats: dict = {"files": files, "queries_in_files": int(rankings.query_id.nunique()), "rows_in_files": len(rankings)}
+    if teacher.imported.scope == "pool":
+        covered = pd.concat(
+            [rank_within_pool(frame, pool.candidates) for _, frame in covered.groupby("template_hash", sort=False)],
+            ignore_index=True,
+        )
+        stats["scope"] = "pool"
+    rationales = pd.DataFrame(columns=[*RATIONALE_COLUMNS, "model", "template_hash"])
+    if labels.rationales is not None:
+        rationales = labels.rationales[labels.rationales.query_id.isin(wanted)].reset_index(drop=True)
+    for summary in files:
+        mine = covered[covered.template_hash == summary["sha256"]]
+        summary.update(sha256=summary["sha256"][:12], queries_labelled=int(mine.query_id.nunique()))
+    return TeachOutcome(covered.reset_index(drop=True), stats, rationales=rationales)

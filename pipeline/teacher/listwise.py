@@ -1,26 +1,35 @@
-"""Listwise teaching: RankGPT's permutation prompt, response parsing, and the sliding window over a ranking.
+"""Listwise teaching (RankGPT): the permutation prompt, response parsing, the sliding windows over a ranking,
+and ``teach``, which walks them (``windows.walk_windows``) over every query of a pool.
 
-Everything here is pure: the driver ``rerank_sliding_window`` takes the function that sends messages to the
-LLM (``ask``) from its caller, so it runs the same against the cached OpenAI client, a test double, or a replay
-of the cache. Positions are 0-based throughout; only the prompt and the model's answer use RankGPT's 1-based
-``[i]`` identifiers.
+All but ``teach`` is pure. Positions are 0-based throughout; only the prompt and the model's answer use
+RankGPT's 1-based ``[i]`` identifiers.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from functools import partial
+from typing import TYPE_CHECKING, Literal
 
+from pipeline.teacher.outcome import Pool, TeachOutcome
 from pipeline.teacher.templates import PromptTemplate, TemplateError, load_template
+from pipeline.teacher.windows import (
+    Message,
+    WindowWalk,
+    mark_failed_windows,
+    retry_sampling,
+    walk_pool,
+    walk_rankings,
+    walk_windows,
+    window_stats,
+    windows_table,
+)
 
-T = TypeVar("T")
-
-Message = dict[str, str]
-# ask(messages, attempt) -> response text; attempt > 0 is a retry after an unparseable answer (the caller
-# changes the seed or temperature, so the retry is a different cached call).
-Ask = Callable[[list[Message], int], str]
+if TYPE_CHECKING:
+    from pipeline.config import TeacherConfig
+    from pipeline.teacher.client import CachedTeacher
 
 # RankGPT's defaults: 20 passages a window, moved by 10, each passage cut to 300 words.
 DEFAULT_WINDOW = 20
@@ -158,30 +167,6 @@ def parse_permutation(text: str, n: int) -> ParsedPermutation:
     return ParsedPermutation(tuple(order), status, missing, duplicates, out_of_range)
 
 
-def is_identity(order: Sequence[int]) -> bool:
-    """Whether ``order`` leaves its window as it was (a weak teacher's typical answer).
-
-    >>> is_identity((0, 1, 2)), is_identity((1, 0, 2)), is_identity(())
-    (True, False, True)
-    """
-    return all(position == index for position, index in enumerate(order))
-
-
-def apply_permutation(ranking: Sequence[T], start: int, end: int, order: Sequence[int]) -> list[T]:
-    """A copy of ``ranking`` with ``ranking[start:end]`` reordered: ``order[j]`` is the window position (0-based)
-    of the item that goes to position ``start + j``.
-
-    >>> apply_permutation(["a", "b", "c", "d", "e"], 1, 4, (2, 0, 1))
-    ['a', 'd', 'b', 'c', 'e']
-    """
-    if not 0 <= start <= end <= len(ranking):
-        raise ValueError(f"window [{start}, {end}) does not fit a ranking of {len(ranking)}")
-    if sorted(order) != list(range(end - start)):
-        raise ValueError(f"order {tuple(order)} is not a permutation of range({end - start})")
-    window = ranking[start:end]
-    return [*ranking[:start], *(window[j] for j in order), *ranking[end:]]
-
-
 def _check_window(window: int, step: int) -> None:
     if window < 1:
         raise ValueError(f"window must be at least 1 (got {window})")
@@ -219,100 +204,26 @@ def sliding_windows(n: int, window: int = DEFAULT_WINDOW, step: int = DEFAULT_ST
     return windows
 
 
-def count_rankgpt_calls(n: int, window: int = DEFAULT_WINDOW, step: int = DEFAULT_STEP) -> int:
-    """The LLM calls RankGPT's published sliding window makes for one query of ``n`` candidates.
-
-    This replays the loop of rank_llm (castorini's maintained RankGPT code) rather than deriving a formula, so
-    that its quirks count too: ``while end > 0 and start + step != 0``, each window clipped at 0. It agrees with
-    ``sliding_windows`` except when ``n == window - step``, where its stop test fires before the first window
-    and it asks nothing. (The paper's own ``rank_gpt.py`` loop, ``while start >= 0``, also skips the clipped
-    top window: 1 call for n=25, leaving ranks 1-5 unseen; rank_llm fixed that.)
-
-    >>> count_rankgpt_calls(100, 20, 10), count_rankgpt_calls(25, 20, 10), count_rankgpt_calls(20, 20, 10)
-    (9, 2, 1)
-    >>> count_rankgpt_calls(10, 20, 10), len(sliding_windows(10, 20, 10))
-    (0, 1)
+def teach(pool: Pool, client: CachedTeacher, teacher: TeacherConfig) -> TeachOutcome:
+    """RankGPT's sliding window over each query's candidates; queries run concurrently (the windows of one in
+    turn). A window with no usable id is asked again, sampled (``retry_temperature``, seed + attempt), up to
+    ``parse_retries`` times; one still unusable keeps its order, and its answers are marked unusable in the cache.
     """
-    _check_window(window, step)
-    if n < 0:
-        raise ValueError(f"n must be >= 0 (got {n})")
-    calls, start, end = 0, n - window, n
-    while end > 0 and start + step != 0:
-        calls += 1
-        start, end = max(start, 0) - step, end - step
-    return calls
+    cfg = teacher.listwise
+    template = load_template(cfg.template)
 
+    def ask(messages: list[Message], n: int, attempt: int) -> tuple[str, str]:
+        sampling = retry_sampling(teacher.sampling, attempt, cfg.retry_temperature)
+        result = client.complete(messages, sampling_override=sampling)
+        return result.text, result.key
 
-@dataclass(frozen=True)
-class WindowCall:
-    """One LLM call of the sliding window: which positions it covered, what was asked, what came back.
+    def walk(query: str, passages: list[str]) -> WindowWalk[ParsedPermutation]:
+        windows = sliding_windows(len(passages), cfg.window, cfg.step)
+        prompt = partial(rankgpt_messages, template, query, max_words=cfg.max_words)
+        return walk_windows(passages, windows, prompt, parse_permutation, ask, cfg.parse_retries)
 
-    ``passages`` are the input indices in the window in the order they were shown (``[1]`` first).
-    """
-
-    start: int
-    end: int
-    passages: tuple[int, ...]
-    messages: tuple[Message, ...]
-    response: str
-    parsed: ParsedPermutation
-    identity: bool
-    attempts: int = 1  # calls made for this window: 1 + retries after unparseable answers
-
-
-@dataclass(frozen=True)
-class ListwiseResult:
-    """The teacher's final ranking (``order[r]`` is the input index at rank r) and the calls that made it."""
-
-    order: tuple[int, ...]
-    calls: tuple[WindowCall, ...]
-
-    @property
-    def identity_calls(self) -> int:
-        return sum(call.identity for call in self.calls)
-
-    @property
-    def failed_calls(self) -> int:
-        return sum(call.parsed.status == "failed" for call in self.calls)
-
-
-def rerank_sliding_window(
-    query: str,
-    passages: Sequence[str],
-    ask: Ask,
-    window: int = DEFAULT_WINDOW,
-    step: int = DEFAULT_STEP,
-    max_words: int = DEFAULT_MAX_WORDS,
-    template: PromptTemplate | None = None,
-    parse_retries: int = 0,
-) -> ListwiseResult:
-    """Rerank ``passages`` (in first-stage order) with RankGPT's sliding window, asking ``ask`` once a window
-    (and up to ``parse_retries`` more times when an answer has no usable id; the last answer is kept).
-
-    Windows go bottom to top and each is applied to the *current* ranking, as RankGPT does, so a passage the
-    model likes can climb several windows in one pass.
-
-    A model that reverses every window: (1, 4) turns [0, 1, 2, 3] into [0, 3, 2, 1], then (0, 2) swaps the top.
-
-    >>> reverse = lambda messages, attempt: " > ".join(f"[{i}]" for i in range((len(messages) - 4) // 2, 0, -1))
-    >>> result = rerank_sliding_window("q", ["a", "b", "c", "d"], reverse, window=3, step=2)
-    >>> [(c.start, c.end) for c in result.calls], result.order
-    ([(1, 4), (0, 2)], (3, 0, 2, 1))
-    """
-    template = template or load_template(DEFAULT_TEMPLATE)
-    ranking = list(range(len(passages)))
-    calls: list[WindowCall] = []
-    for start, end in sliding_windows(len(passages), window, step):
-        shown = tuple(ranking[start:end])
-        messages = rankgpt_messages(template, query, [passages[i] for i in shown], max_words)
-        attempt = 0
-        response = ask(messages, attempt)
-        parsed = parse_permutation(response, end - start)
-        while parsed.status == "failed" and attempt < parse_retries:
-            attempt += 1
-            response = ask(messages, attempt)
-            parsed = parse_permutation(response, end - start)
-        ranking = apply_permutation(ranking, start, end, parsed.order)
-        identity = is_identity(parsed.order)
-        calls.append(WindowCall(start, end, shown, tuple(messages), response, parsed, identity, attempt + 1))
-    return ListwiseResult(tuple(ranking), tuple(calls))
+    windows = sum(len(sliding_windows(len(group), cfg.window, cfg.step)) for group in pool.by_query().values())
+    walks, stopped = walk_pool(pool, walk, client, "teacher (listwise)", windows=f"{windows}")
+    stats = window_stats(walks, f"{template.name}@v{template.version}")
+    stats["parse"]["marked_unusable"] = mark_failed_windows(walks, client, "listwise", "no usable id in the answer")
+    return TeachOutcome(walk_rankings(pool, walks), stats, stopped, windows_table(walks))

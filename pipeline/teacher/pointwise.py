@@ -6,16 +6,27 @@ than the sampled word gives a graded score even from a model that always answers
 
 Only the top k tokens come back, so an answer token may be absent: its log-probability is then at most the
 lowest one listed, and we use that minus ``margin`` as a floor and flag the score, instead of guessing.
+
+``teach`` scores every (query, candidate) of a pool so; all the rest here is pure.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from pipeline.config import SamplingConfig
+from pipeline.teacher.client import BudgetExceeded, result_from_record
 from pipeline.teacher.listwise import DEFAULT_MAX_WORDS, truncate_words
-from pipeline.teacher.templates import PromptTemplate, TemplateError
+from pipeline.teacher.outcome import RANKING_COLUMNS, Pool, TeachOutcome
+from pipeline.teacher.templates import PromptTemplate, TemplateError, load_template
+
+if TYPE_CHECKING:
+    from pipeline.config import TeacherConfig
+    from pipeline.teacher.client import CachedTeacher
 
 # How far below the lowest listed log-probability an absent answer token is put (nats). Any value >= 0 is a
 # valid bound; 1 keeps "absent" distinct from "tied with the last listed token".
@@ -182,3 +193,46 @@ def graded_score(top_logprobs: TopLogprobs, max_grade: int = MAX_GRADE) -> Point
     flags = ("missing_grades",) if len(by_grade) <= max_grade else ()
     mass = sum(math.exp(lp) for lp in logp.values())
     return PointwiseScore(round(expected, 12), flags, round(mass, 12))
+
+
+def teach(pool: Pool, client: CachedTeacher, teacher: TeacherConfig) -> TeachOutcome:
+    """One call per (query, passage); the ranking follows the score (ties keep the first-stage order). A query
+    is labelled only when all its pairs were scored (a budget stop may leave some without an answer)."""
+    cfg = teacher.pointwise
+    template = load_template(cfg.template)
+    sampling = SamplingConfig(temperature=0.0, max_tokens=1, seed=teacher.sampling.seed, top_logprobs=cfg.top_logprobs)
+    texts = pool.texts()
+    batch = [
+        pointwise_messages(template, texts[q], passage, cfg.max_words)
+        for q, passage in zip(pool.candidates.query_id, pool.candidates.passage, strict=True)
+    ]
+    stopped = None
+    try:
+        client.complete_many(batch, sampling_override=sampling, desc="teacher (pointwise)")
+    except BudgetExceeded as err:
+        stopped = str(err)
+    # Read the answers back from the cache: after a budget stop only some pairs have one.
+    # (No answer is marked unusable: a greedy one-token answer without the answer token would be re-paid for nothing.)
+    scorer = graded_score if cfg.template == "pointwise-graded" else yes_no_score
+    scores: list[float | None] = []
+    flags: Counter[str] = Counter()
+    for messages in batch:
+        record = client.cache.get(client.key(messages, sampling))
+        if record is None:
+            scores.append(None)
+            continue
+        scored = scorer(result_from_record(record, cached=True).logprobs or [{}])
+        flags.update(scored.flags)
+        scores.append(scored.score)
+    candidates = pool.candidates.assign(score=scores)
+    complete = candidates.groupby("query_id").score.transform(lambda s: s.notna().all())
+    candidates = candidates[complete].sort_values(["query_id", "score", "rank"], ascending=[True, False, True])
+    candidates["teacher_rank"] = candidates.groupby("query_id").cumcount() + 1
+    stats = {
+        "pairs": len(batch),
+        "scored_pairs": int(sum(s is not None for s in scores)),
+        "flags": dict(flags),
+        "no_answer_token": flags.get("no_answer_token", 0),
+        "template": f"{template.name}@v{template.version}",
+    }
+    return TeachOutcome(candidates[RANKING_COLUMNS].reset_index(drop=True), stats, stopped)

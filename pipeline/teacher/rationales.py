@@ -7,8 +7,8 @@ below the others). The answer this module asks for and reads is one JSON object:
     {"ranking": [3, 1, 2],
      "passages": [{"id": 3, "direct_reason": "...", "answer_sentence": "..." or null, "comparative_reason": "..."}]}
 
-with the window's 1-based ``[i]`` identifiers. Everything here is pure, like ``listwise``: the driver
-``rank_with_rationales`` takes the function that asks the LLM from its caller. Positions are 0-based.
+with the window's 1-based ``[i]`` identifiers. ``teach`` walks a pool's queries window by window with it (the
+walk is ``windows.walk_windows``, as for listwise); all the rest here is pure. Positions are 0-based.
 
 Reading is forgiving, because small models break JSON: ``json.loads`` first, then the ``json_repair`` library
 (truncated answers, trailing commas, code fences, prose around the object); ids are checked against the window
@@ -18,16 +18,37 @@ An ``answer_sentence`` is kept exactly as given: whether it really is in the pas
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
 
 import json_repair
+import pandas as pd
 
-from pipeline.teacher.listwise import Message, apply_permutation, is_identity, rankgpt_messages
+from pipeline.teacher.listwise import rankgpt_messages
+from pipeline.teacher.outcome import RATIONALE_COLUMNS, Pool, TeachOutcome
 from pipeline.teacher.templates import PromptTemplate, load_template
+from pipeline.teacher.windows import (
+    Message,
+    WindowCall,
+    WindowWalk,
+    mark_failed_windows,
+    retry_sampling,
+    walk_pool,
+    walk_rankings,
+    walk_windows,
+    window_stats,
+    windows_table,
+)
+
+if TYPE_CHECKING:
+    from pipeline.config import TeacherConfig
+    from pipeline.teacher.client import CachedTeacher
 
 DEFAULT_TEMPLATE = "r2r-rationales"
 # R2R's windows: 5 passages, not overlapping.
@@ -36,9 +57,6 @@ DEFAULT_STEP = 5
 FIELDS = ("direct_reason", "answer_sentence", "comparative_reason")
 
 Status = Literal["ok", "repaired", "failed"]
-# ask(messages, window_size, attempt) -> (response text, cache key of the call). ``window_size`` lets the caller
-# build the window's JSON schema; attempt > 0 is a retry after an unusable answer (the caller changes the seed).
-Ask = Callable[[list[Message], int, int], tuple[str, str]]
 
 _INTEGER = re.compile(r"\d+")
 
@@ -329,79 +347,88 @@ def rationale_windows(n: int, window: int = DEFAULT_WINDOW, step: int = DEFAULT_
     return windows[::-1]
 
 
-@dataclass(frozen=True)
-class RationaleCall:
-    """One window: the input indices shown (``[1]`` first), the last answer and its cache key, how it parsed."""
+def ranked_window(call: WindowCall[ParsedRationales]) -> list[tuple[int, int, PassageRationale | None]]:
+    """A window's ``(input index, rank in the window (1-based), its reasons or None)``, best first.
 
-    start: int
-    end: int
-    passages: tuple[int, ...]
-    response: str
-    key: str
-    parsed: ParsedRationales
-    attempts: int = 1
-
-    @property
-    def identity(self) -> bool:
-        return is_identity(self.parsed.order)
-
-    def ranked(self) -> list[tuple[int, int, PassageRationale | None]]:
-        """``(input index, rank in the window (1-based), its reasons or None)``, best first.
-
-        >>> p = parse_rationales('{"ranking": [2, 1], "passages": [{"id": 2, "direct_reason": "d"}]}', 2)
-        >>> [(i, r, x and x.direct_reason) for i, r, x in RationaleCall(0, 2, (7, 9), "", "k", p).ranked()]
-        [(9, 1, 'd'), (7, 2, None)]
-        """
-        return [
-            (self.passages[j], rank, self.parsed.rationales.get(j)) for rank, j in enumerate(self.parsed.order, start=1)
-        ]
-
-
-@dataclass(frozen=True)
-class RationaleResult:
-    """The final ranking (``order[r]`` is the input index at rank r) and the windows that made it."""
-
-    order: tuple[int, ...]
-    calls: tuple[RationaleCall, ...]
-
-
-def rank_with_rationales(
-    query: str,
-    passages: Sequence[str],
-    ask: Ask,
-    window: int = DEFAULT_WINDOW,
-    step: int = DEFAULT_STEP,
-    max_words: int = 120,
-    template: PromptTemplate | None = None,
-    parse_retries: int = 0,
-) -> RationaleResult:
-    """Rank ``passages`` (in first-stage order) window by window, with reasons for every passage.
-
-    Each window is applied to the current ranking. With R2R's non-overlapping windows (``step == window``)
-    that is simply: every window ranked on its own, the windows concatenated in first-stage order. A window
-    whose answer has nothing usable is asked again, up to ``parse_retries`` times (the last answer is kept).
-
-    A teacher that reverses every window and explains nothing:
-
-    >>> def reverse(messages, n, attempt):
-    ...     return '{"ranking": [%s], "passages": []}' % ", ".join(str(i) for i in range(n, 0, -1)), "key"
-    >>> result = rank_with_rationales("q", ["a", "b", "c", "d", "e"], reverse, window=2, step=2)
-    >>> [(c.start, c.end) for c in result.calls], result.order
-    ([(4, 5), (2, 4), (0, 2)], (1, 0, 3, 2, 4))
+    >>> p = parse_rationales('{"ranking": [2, 1], "passages": [{"id": 2, "direct_reason": "d"}]}', 2)
+    >>> [(i, r, x and x.direct_reason) for i, r, x in ranked_window(WindowCall(0, 2, (7, 9), (), "", p, ("k",)))]
+    [(9, 1, 'd'), (7, 2, None)]
     """
-    template = template or load_template(DEFAULT_TEMPLATE)
-    ranking = list(range(len(passages)))
-    calls: list[RationaleCall] = []
-    for start, end in rationale_windows(len(passages), window, step):
-        shown = tuple(ranking[start:end])
-        messages = rationale_messages(template, query, [passages[i] for i in shown], max_words)
-        attempt = 0
-        response, key = ask(messages, end - start, attempt)
-        parsed = parse_rationales(response, end - start)
-        while parsed.status == "failed" and attempt < parse_retries:
-            attempt += 1
-            response, key = ask(messages, end - start, attempt)
-            parsed = parse_rationales(response, end - start)
-        ranking = apply_permutation(ranking, start, end, parsed.order)
-        calls.append(RationaleCall(start, end, shown, response, key, parsed, attempt + 1))
-    return RationaleResult(tuple(ranking), tuple(calls))
+    reasons = call.parsed.rationales
+    return [(call.passages[j], rank, reasons.get(j)) for rank, j in enumerate(call.parsed.order, start=1)]
+
+
+def rationale_rows(pool: Pool, walks: Mapping[str, WindowWalk[ParsedRationales]]) -> pd.DataFrame:
+    """Two rows (``RATIONALE_COLUMNS``) per explained passage of every window: its direct reason (with the answer
+    sentence) and its comparative one (with the other documents of the window, in the teacher's order)."""
+    groups = pool.by_query()
+    rows = []
+    for query_id, walk in walks.items():
+        doc_ids = groups[query_id].doc_id.tolist()
+        for call in walk.calls:
+            ranked = ranked_window(call)
+            window_docs = [doc_ids[index] for index, _, _ in ranked]  # the window, in the teacher's order
+            for index, window_rank, reasons in ranked:
+                if reasons is None:  # not explained: no rows (teacher_explained shows it with null reasons)
+                    continue
+                doc_id, others = doc_ids[index], [d for d in window_docs if d != doc_ids[index]]
+                common = (window_rank, call.parsed.status, call.key)
+                rows.append((query_id, doc_id, "direct", reasons.direct_reason, reasons.answer_sentence, [], *common))
+                rows.append((query_id, doc_id, "comparative", reasons.comparative_reason, None, others, *common))
+    return pd.DataFrame(rows, columns=RATIONALE_COLUMNS)
+
+
+def rationale_stats(walks: Mapping[str, WindowWalk[ParsedRationales]], template: str, json_schema: bool) -> dict:
+    """``window_stats`` with how the JSON was read and what the rationales lacked."""
+    parsed = [call.parsed for walk in walks.values() for call in walk.calls]
+    json_status = Counter(p.json_status for p in parsed)
+    stats = window_stats(walks, template)
+    stats["parse"].update(
+        json_ok=json_status["ok"],
+        json_repaired=json_status["repaired"],
+        json_failed=json_status["failed"],
+        ranking_from_passages=sum(p.ranking_from_passages for p in parsed),
+    )
+    stats["rationales"] = {
+        "passages_explained": sum(len(p.rationales) for p in parsed),
+        "passages_unexplained": sum(p.missing_rationales for p in parsed),
+        "dropped_entries": sum(p.dropped_entries for p in parsed),
+        "missing_fields": sum(p.missing_fields for p in parsed),
+        "empty_reasons": sum(p.empty_reasons for p in parsed),
+        "answer_sentences": sum(p.answer_sentences for p in parsed),
+    }
+    stats["json_schema"] = json_schema
+    return stats
+
+
+def teach(pool: Pool, client: CachedTeacher, teacher: TeacherConfig) -> TeachOutcome:
+    """Reason-to-Rank: each query's candidates in windows (R2R: 5, not overlapping), each window ranked with a
+    direct and a comparative reason for every passage. With non-overlapping windows the final ranking is every
+    window's ranking, the windows concatenated in first-stage order (the teacher never compares passages of two
+    windows, so no cross-window order is invented). Queries run concurrently, the windows of one in turn.
+
+    The answer is constrained by a JSON schema (``response_format``) unless ``use_json_schema`` is off, and read
+    forgivingly anyway (json_repair); a window with nothing usable is asked again with a new seed, and one that
+    stays so keeps its order and has its answers marked unusable in the cache.
+    """
+    cfg = teacher.rationales
+    template = load_template(cfg.template)
+    base = dataclasses.replace(teacher.sampling, max_tokens=cfg.max_tokens)
+
+    def ask(messages: list[Message], n: int, attempt: int) -> tuple[str, str]:
+        response_format = rationale_response_format(n) if cfg.use_json_schema else None
+        sampling = retry_sampling(base, attempt, cfg.retry_temperature)
+        result = client.complete(messages, sampling_override=sampling, response_format=response_format)
+        return result.text, result.key
+
+    def walk(query: str, passages: list[str]) -> WindowWalk[ParsedRationales]:
+        windows = rationale_windows(len(passages), cfg.window, cfg.step)
+        prompt = partial(rationale_messages, template, query, max_words=cfg.max_words)
+        return walk_windows(passages, windows, prompt, parse_rationales, ask, cfg.parse_retries)
+
+    walks, stopped = walk_pool(pool, walk, client, "teacher (rationales)")
+    stats = rationale_stats(walks, f"{template.name}@v{template.version}", cfg.use_json_schema)
+    stats["parse"]["marked_unusable"] = mark_failed_windows(
+        walks, client, "rationales", "no usable id or rationale in the answer"
+    )
+    return TeachOutcome(walk_rankings(pool, walks), stats, stopped, windows_table(walks), rationale_rows(pool, walks))

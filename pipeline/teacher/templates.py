@@ -140,7 +140,7 @@ def load_template_file(path: Path | str) -> PromptTemplate:
         raise TemplateError(f"{path}: template file not found")
     content = path.read_bytes()
     try:
-        raw = json.loads(content.decode("utf-8"))
+        raw = json.loads(content.decode("utf-8-sig"))  # a byte order mark is no JSON
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise TemplateError(f"{path}: not valid UTF-8 JSON: {err}") from None
     return parse_template(raw, content, str(path))
