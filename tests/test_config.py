@@ -105,6 +105,19 @@ def test_unknown_top_level_key_is_named_with_a_suggestion() -> None:
         ("evaluation", {"tiny": {"splt": "test"}}, "evaluation.tiny.splt", "split"),
         ("prepare", {"on_unknown_qrel": "drop"}, "prepare.on_unknown_qrel", "on_unknown_qrels"),
         ("paths", {"colections": "x"}, "paths.colections", "collections"),
+        # inside an optional section (EndpointConfig | None) and a tuple of files
+        (
+            "teacher",
+            {"backend": "openai", "endpoint": {"base_url": "http://x", "model": "m", "timout_s": 3}},
+            "teacher.endpoint.timout_s",
+            "timeout_s",
+        ),
+        (
+            "teacher",
+            {"breaker": {"consecutive_failure": 3}},
+            "teacher.breaker.consecutive_failure",
+            "consecutive_failures",
+        ),
     ],
 )
 def test_nested_mistyped_key_is_named_with_a_suggestion(
