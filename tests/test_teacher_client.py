@@ -303,8 +303,13 @@ def test_a_dead_endpoint_fails_fast(tmp_path: Path) -> None:
         with pytest.raises(EndpointDown, match=r"did not answer a probe.*paid for 0 calls.*pays only for the rest"):
             teacher.complete_many([prompt(f"q{i}") for i in range(20)])
         elapsed = time.perf_counter() - started
-    assert elapsed < 5, elapsed  # two probe tries of 1 s, and a backoff
-    assert dead.connections <= 2
+        # every later call (another query's) fails at once: no second probe
+        started = time.perf_counter()
+        with pytest.raises(EndpointDown):
+            teacher.complete(prompt("another query"))
+        assert time.perf_counter() - started < 0.5
+    assert elapsed < 5, elapsed  # one probe of 1 s
+    assert dead.connections == 1
 
 
 def test_the_breaker_stops_calls_after_consecutive_failures(server: OpenAIServer, tmp_path: Path) -> None:

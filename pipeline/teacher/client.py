@@ -294,6 +294,8 @@ class CachedTeacher:
     def _openai(self) -> openai.OpenAI:
         """The endpoint's client, made on the first call that has to be made (the key is read then)."""
         with self._client_lock:
+            if self._down is not None:  # a failed probe leaves no client: the next call must not probe again
+                raise self.endpoint_down()
             if self._client is None:
                 try:
                     self._api_key = resolve_api_key(self.endpoint.api_key_env)
