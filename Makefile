@@ -33,14 +33,9 @@ install: $(STAMP)
 run: install
 	$(BIN)/dvc repro
 	@echo
-	@$(BIN)/distillrank report
-	@echo
-	@echo "Results:"
-	@echo "  metrics:       metrics/eval.json (every run on every evaluation collection)"
-	@echo "  per query:     data/evaluation/per_query.parquet, plots/deltas/*.png"
-	@echo "  runs:          data/retrieval/<collection>/runs/*.trec, data/reranked/<student>/runs/*.trec"
-	@echo "  students:      data/students/<student>/ (plots/training/<student>.png: training curves)"
-	@echo "  tables (SQL):  $(VENV)/bin/distillrank sql \"SELECT * FROM candidates LIMIT 5\"   or   make sql"
+	@# the headline, the teachers, the students; then where the outputs are (the students' folders, their
+	@# reranked runs, plots/training/), make serve, and dvc push only where a DVC remote is configured
+	@$(BIN)/distillrank report --outputs
 
 # A preset (presets/<name>.yaml: recorded-teacher, strong-teacher, r2r, r2r-embedded, full) replaces params.yaml
 # and runs the DAG; DVC's run cache brings the default's outputs back without recomputing after

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,9 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the test server lives with the tests
 
-from openai_server import OpenAIServer  # noqa: E402
 from pipeline.config import EndpointConfig, SamplingConfig, TeacherConfig  # noqa: E402
 from pipeline.io import read_trec_run  # noqa: E402
 from pipeline.lucene import document_contents  # noqa: E402
@@ -38,6 +35,7 @@ from pipeline.metrics import evaluate_run  # noqa: E402
 from pipeline.sources import load_beir_folder  # noqa: E402
 from pipeline.teacher import listwise, pointwise  # noqa: E402
 from pipeline.teacher.cache import TeacherCache  # noqa: E402
+from pipeline.teacher.chat_server import OpenAIServer  # noqa: E402
 from pipeline.teacher.client import CachedTeacher  # noqa: E402
 from pipeline.teacher.embedded import ServerOptions  # noqa: E402
 from pipeline.teacher.endpoint import teacher_endpoint  # noqa: E402

@@ -1,10 +1,12 @@
 """The Prefect flow that runs the DVC pipeline: it orchestrates, it never computes.
 
-DVC stays the single record of lineage (``dvc.lock``): the flow reads the stage list, in DAG order, from DVC
+DVC stays the single record of lineage (``dvc.lock``): the flow reads the stage graph, in DAG order, from DVC
 itself and runs every stage as its own Prefect task, ``dvc repro --single-item <stage>`` in a subprocess, so
 that a stage whose dependencies did not change is skipped by DVC exactly as with a plain ``dvc repro``. Each
-stage's output is streamed into the Prefect run logs. At the end the evaluation metrics
-(``<paths.metrics>/eval.json``) are published as a markdown artifact, one table per collection.
+stage's task waits for (``wait_for``) the tasks of its DVC upstream stages, so the Prefect flow-run graph draws
+DVC's edges (``dvc dag``). Each stage's output is streamed into the Prefect run logs, its JSON summary as one
+record. At the end the evaluation (``<paths.metrics>/eval.json``, the teachers' figures) is published as a
+markdown artifact: the tables ``distillrank report`` prints.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import IO, Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import opaque
 
 ARTIFACT_KEY = "distillrank-eval"
 STAGE_RETRIES = 2
@@ -44,6 +47,20 @@ class StageFailed(RuntimeError):
 class StageResult:
     stage: str
     outcome: Outcome
+
+
+@dataclass(frozen=True, eq=False)
+class StageGraph:
+    """The stages to run, upstream first, and each stage's direct upstream stages (DVC's edges, ``dvc dag``)."""
+
+    order: tuple[str, ...]
+    upstreams: Mapping[str, tuple[str, ...]]
+
+    @property
+    def sinks(self) -> tuple[str, ...]:
+        """The stages no other stage depends on, in run order."""
+        depended_on = {up for ups in self.upstreams.values() for up in ups}
+        return tuple(stage for stage in self.order if stage not in depended_on)
 
 
 # --- pure helpers -------------------------------------------------------------------------------------
@@ -73,6 +90,74 @@ def execution_order(stages: Sequence[str], edges: Iterable[tuple[str, str]]) -> 
     except nx.NetworkXUnfeasible:
         cycle = sorted({node for edge in nx.find_cycle(graph) for node in edge[:2]})
         raise ValueError(f"the stage graph has a cycle through {cycle}") from None
+
+
+def stage_graph(stages: Sequence[str], edges: Iterable[tuple[str, str]]) -> StageGraph:
+    """The :class:`StageGraph` of ``stages`` and their ``(upstream, downstream)`` edges: the run order of
+    :func:`execution_order`, and each stage's upstreams in that order.
+
+    >>> graph = stage_graph(["evaluate", "index@a", "prepare@a"],
+    ...                     [("prepare@a", "index@a"), ("index@a", "evaluate"), ("prepare@a", "evaluate")])
+    >>> graph.order
+    ('prepare@a', 'index@a', 'evaluate')
+    >>> dict(graph.upstreams)
+    {'prepare@a': (), 'index@a': ('prepare@a',), 'evaluate': ('prepare@a', 'index@a')}
+    >>> graph.sinks
+    ('evaluate',)
+    """
+    edges = list(edges)
+    order = execution_order(stages, edges)
+    position = {stage: i for i, stage in enumerate(order)}
+    upstreams: dict[str, set[str]] = {stage: set() for stage in order}
+    for up, down in edges:
+        upstreams[down].add(up)
+    return StageGraph(
+        order=tuple(order),
+        upstreams={stage: tuple(sorted(ups, key=position.__getitem__)) for stage, ups in upstreams.items()},
+    )
+
+
+class LogRecords:
+    """Groups a stage's stdout lines into log records: a JSON object printed over several lines (the stage's
+    summary, ``json.dumps(..., indent=2)``: ``{`` and ``}`` alone on their lines) is one record; every other
+    line is a record of its own, and so is every line of a block that is not JSON after all.
+
+    >>> records = LogRecords()
+    >>> [r for line in ["Running stage 'x':", "{", '  "stage": "x",', '  "n": 1', "}", "done"]
+    ...  for r in records.feed(line)]
+    ["Running stage 'x':", '{\\n  "stage": "x",\\n  "n": 1\\n}', 'done']
+    >>> records.feed("{"), records.feed("not json"), records.feed("}")
+    ([], [], ['{', 'not json', '}'])
+    >>> records.feed("{"), records.feed('  "cut": "short"'), records.flush()
+    ([], [], ['{', '  "cut": "short"'])
+    """
+
+    def __init__(self) -> None:
+        self._block: list[str] = []
+
+    def feed(self, line: str) -> list[str]:
+        """The records that ``line`` completes (none while a JSON block is still open)."""
+        if self._block:
+            self._block.append(line)
+            return self._close() if line == "}" else []
+        if line == "{":
+            self._block = [line]
+            return []
+        return [line]
+
+    def flush(self) -> list[str]:
+        """The lines of a block left open when the output ended, one record each."""
+        lines, self._block = self._block, []
+        return lines
+
+    def _close(self) -> list[str]:
+        lines, self._block = self._block, []
+        text = "\n".join(lines)
+        try:
+            json.loads(text)
+        except ValueError:
+            return lines
+        return [text]
 
 
 def stage_outcome(stage: str, output: str) -> Outcome:
@@ -127,99 +212,33 @@ def failure_message(stage: str, returncode: int, stderr_tail: Sequence[str]) -> 
     return f"stage {stage!r} failed (dvc repro exited with {returncode}); end of stderr:\n{tail}"
 
 
-def _format_value(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return "" if value is None else str(value)
+def metrics_markdown(
+    metrics: Mapping[str, Mapping],
+    measures: Sequence[str] = (),
+    teachers: Mapping[str, Mapping] | None = None,
+    students: set[str] | None = None,
+) -> str:
+    """The markdown artifact: the tables ``distillrank report`` prints (:mod:`pipeline.report`), with the same
+    figures in the same order: each collection's runs (measures in ``measures`` order, then the delta against its
+    baseline with p and W/L/T), on the whole split and on the held-out queries; the teachers
+    (``metrics/teacher/<target>.json``); the students' fidelity. No heading without a table, no blank cell.
 
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    lines += ["| " + " | ".join(_format_value(v) for v in row) + " |" for row in rows]
-    return lines
-
-
-def _measure_order(runs: Mapping[str, Mapping[str, float]], preferred: Sequence[str]) -> list[str]:
-    present = list(dict.fromkeys(m for measures in runs.values() for m in measures))
-    return [m for m in preferred if m in present] + [m for m in present if m not in preferred]
-
-
-def collection_markdown(name: str, result: Mapping, measures: Sequence[str] = ()) -> str:
-    """One collection's section of the artifact: a run × measure table, plus the comparison to the baseline
-    (``vs_<baseline>``: headline delta, paired t-test p-value, per-query wins/ties/losses) when there is one.
-    """
-    runs: Mapping[str, Mapping[str, float]] = result.get("runs", {})
-    columns = _measure_order(runs, measures)
-    title = f"## {name}" + (f" ({result['queries']} queries)" if "queries" in result else "")
-    comparisons = {k.removeprefix("vs_"): v for k, v in result.items() if k.startswith("vs_") and v}
-    header = ["run", *columns]
-    extra: dict[str, list[object]] = {run: [] for run in runs}
-    for baseline, per_run in comparisons.items():
-        measure = next(iter(per_run.values())).get("measure", "")
-        header += [f"Δ {measure} vs {baseline}", "p-value", "W/T/L"]
-        for run in runs:
-            c = per_run.get(run)
-            extra[run] += (
-                [f"{c['delta']:+.4f}", f"{c['p_value']:.4g}", f"{c['wins']}/{c['ties']}/{c['losses']}"]
-                if c
-                else ["", "", ""]
-            )
-    rows = [[run, *(values.get(m) for m in columns), *extra[run]] for run, values in runs.items()]
-    return "\n".join([title, "", *_table(header, rows)])
-
-
-def teacher_markdown(teachers: Mapping[str, Mapping]) -> str:
-    """The teacher's section of the artifact: one row per labelled collection (``metrics/teacher/<name>.json``).
-
-    >>> print(teacher_markdown({"scifact": {"method": "listwise", "model": "m", "queries": {"labelled": 4},
-    ...     "calls": {"paid": 4, "cached": 0}, "identity_share": 1.0,
-    ...     "quality": {"teacher": 0.5, "first_stage": 0.5, "measure": "nDCG@10"}}}))
-    ## teacher
-    <BLANKLINE>
-    | collection | method | model | queries | calls | cached | identity | teacher nDCG@10 | first-stage nDCG@10 |
-    |---|---:|---:|---:|---:|---:|---:|---:|---:|
-    | scifact | listwise | m | 4 | 4 | 0 | 1.0000 | 0.5000 | 0.5000 |
-    """
-    header = ["collection", "method", "model", "queries", "calls", "cached", "identity"]
-    header += ["teacher nDCG@10", "first-stage nDCG@10"]
-    rows = []
-    for name, t in teachers.items():
-        calls, quality = t.get("calls", {}), t.get("quality", {})
-        rows.append(
-            [
-                name,
-                t.get("method"),
-                t.get("model"),
-                t.get("queries", {}).get("labelled"),
-                calls.get("paid"),
-                calls.get("cached"),
-                t.get("identity_share"),
-                quality.get("teacher"),
-                quality.get("first_stage"),
-            ]
-        )
-    return "\n".join(["## teacher", "", *_table(header, rows)])
-
-
-def metrics_markdown(metrics: Mapping[str, Mapping], measures: Sequence[str] = ()) -> str:
-    """The markdown artifact for ``eval.json``: one table per collection, runs × measures.
-
-    ``measures`` orders the columns (the headline first, as in params.yaml); measures it does not name follow.
-
-    >>> print(metrics_markdown({"tiny": {"queries": 4, "runs": {"bm25": {"R@100": 1.0, "nDCG@10": 0.81234}}}},
+    >>> print(metrics_markdown({"tiny": {"queries": 4, "baseline": "bm25",
+    ...                                  "runs": {"bm25": {"R@100": 1.0, "nDCG@10": 0.81234}}}},
     ...                        measures=["nDCG@10", "R@100"]))
     # distillrank evaluation
     <BLANKLINE>
-    ## tiny (4 queries)
+    ## tiny: all 4 queries (against bm25)
     <BLANKLINE>
-    | run | nDCG@10 | R@100 |
-    |---|---:|---:|
-    | bm25 | 0.8123 | 1.0000 |
+    | run | nDCG@10 | R@100 | Δ nDCG@10 | p | W/L/T |
+    |---|---:|---:|---|---|---|
+    | bm25 | 0.8123 | 1.0000 | baseline | - | - |
+    <BLANKLINE>
+    Δ: the run's nDCG@10 minus the baseline's, the mean over the queries; p: paired t-test; W/L/T: ...
     """
-    if not metrics:
-        return "# distillrank evaluation\n\nNo metrics: no collection was evaluated."
-    sections = [collection_markdown(name, result, measures) for name, result in metrics.items()]
-    return "\n\n".join(["# distillrank evaluation", *sections])
+    from pipeline import report
+
+    return report.render_markdown(report.tables(metrics, measures, students, teachers))
 
 
 # --- DVC ----------------------------------------------------------------------------------------------
@@ -238,11 +257,12 @@ def _address(stage: object) -> str:
     return path
 
 
-def dag_stages(repo_dir: Path) -> list[str]:
-    """Every stage of the repository's DAG (foreach expansions included), upstream stages first.
+def dvc_stage_graph(repo_dir: Path) -> StageGraph:
+    """Every stage of the repository's DAG (foreach expansions included), upstream stages first, with each
+    stage's direct upstream stages.
 
-    Read from DVC's own index, so it is the DAG that ``dvc repro`` runs. Data files tracked with ``dvc add``
-    are not stages to run and are left out.
+    Read from DVC's own index (``Repo.index.graph``, the graph ``dvc dag`` draws), so it is the DAG that
+    ``dvc repro`` runs. Data files tracked with ``dvc add`` are not stages to run and are left out.
     """
     from dvc.repo import Repo
 
@@ -257,7 +277,12 @@ def dag_stages(repo_dir: Path) -> list[str]:
             for down, up in index.graph.edges
             if _address(up) in keep and _address(down) in keep
         ]
-    return execution_order(names, edges)
+    return stage_graph(names, edges)
+
+
+def dag_stages(repo_dir: Path) -> list[str]:
+    """Every stage of the repository's DAG (foreach expansions included), upstream stages first."""
+    return list(dvc_stage_graph(repo_dir).order)
 
 
 def _dvc_executable() -> str:
@@ -323,11 +348,12 @@ def stream_command(command: Sequence[str], cwd: Path) -> Iterator[tuple[str, str
 
 
 @task(name="dag-stages", cache_policy=NO_CACHE)
-def list_stages(repo_dir: str) -> list[str]:
-    """The DAG's stages, upstream first, as DVC sees them."""
-    stages = dag_stages(Path(repo_dir))
-    get_run_logger().info("DVC pipeline: %d stages: %s", len(stages), ", ".join(stages))
-    return stages
+def read_stage_graph(repo_dir: str) -> StageGraph:
+    """The DAG's stages, upstream first, and their edges, as DVC sees them."""
+    graph = dvc_stage_graph(Path(repo_dir))
+    edges = sum(len(ups) for ups in graph.upstreams.values())
+    get_run_logger().info("DVC pipeline: %d stages, %d edges: %s", len(graph.order), edges, ", ".join(graph.order))
+    return graph
 
 
 @task(
@@ -338,11 +364,13 @@ def list_stages(repo_dir: str) -> list[str]:
     cache_policy=NO_CACHE,
 )
 def repro_stage(repo_dir: str, stage: str, force: bool = False) -> StageResult:
-    """``dvc repro --single-item <stage>``; its output, stdout and stderr, goes to the run logs as it comes."""
+    """``dvc repro --single-item <stage>``; its output, stdout and stderr, goes to the run logs as it comes (the
+    stage's JSON summary as one record)."""
     logger = get_run_logger()
     command = repro_command(_dvc_executable(), stage, force)
     logger.info("$ %s", " ".join(command))
     stdout: list[str] = []
+    records = LogRecords()
     stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
     lines = stream_command(command, Path(repo_dir))
     while True:
@@ -350,10 +378,13 @@ def repro_stage(repo_dir: str, stage: str, force: bool = False) -> StageResult:
             name, line = next(lines)
         except StopIteration as done:
             returncode = done.value
+            for record in records.flush():
+                logger.info(record)
             break
         if name == "stdout":
             stdout.append(line)
-            logger.info(line)
+            for record in records.feed(line):
+                logger.info(record)
         else:
             stderr_tail.append(line)
             logger.log(stderr_level(line), line)
@@ -376,8 +407,10 @@ def metrics_file(repo_dir: Path, params_file: str) -> Path:
 
 @task(name="publish-metrics", cache_policy=NO_CACHE)
 def publish_metrics(repo_dir: str, params_file: str) -> dict:
-    """Publish ``eval.json`` as the markdown artifact ``distillrank-eval``; returns the metrics."""
+    """Publish ``eval.json`` and the teachers' figures as the markdown artifact ``distillrank-eval``, the tables
+    of ``distillrank report``; returns the metrics."""
     from pipeline.config import load_params
+    from pipeline.report import read_teachers
 
     logger = get_run_logger()
     path = metrics_file(Path(repo_dir), params_file)
@@ -385,11 +418,9 @@ def publish_metrics(repo_dir: str, params_file: str) -> dict:
         logger.warning("no metrics at %s: nothing to publish", path)
         return {}
     metrics = json.loads(path.read_text(encoding="utf-8"))
-    measures = load_params(Path(repo_dir) / params_file).evaluate.measures
-    markdown = metrics_markdown(metrics, measures)
-    teachers = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(path.parent.glob("teacher/*.json"))}
-    if teachers:
-        markdown += "\n\n" + teacher_markdown(teachers)
+    params = load_params(Path(repo_dir) / params_file)
+    teachers = read_teachers(path.parent)
+    markdown = metrics_markdown(metrics, params.evaluate.measures, teachers, set(params.students))
     create_markdown_artifact(
         markdown=markdown,
         key=ARTIFACT_KEY,
@@ -410,13 +441,24 @@ def distillrank_pipeline(
     """Run every stage of the DVC pipeline in ``repo_dir`` (``dvc repro --single-item``, one task per stage,
     upstream first; ``force`` re-runs unchanged stages too), then publish the evaluation metrics.
 
+    Each stage's task waits for the tasks of its DVC upstream stages (a stage without one, for ``dag-stages``),
+    and ``publish-metrics`` for the stages nothing depends on: the flow-run graph is DVC's DAG. The stages run
+    one at a time, in order: ``dvc repro`` holds the repository's lock. (``opaque``: a task's upstreams are the
+    tasks that returned those results, not whichever earlier task returned a string inside them.)
+
     Returns ``{"stages_run": [...], "stages_skipped": [...], "stages_restored": [...], "metrics": {...}}``;
     a failed stage fails the flow with an error that names it.
     """
     repo = str(Path(repo_dir).resolve())
     run_stage = repro_stage.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
-    results = [run_stage(repo, stage, force) for stage in list_stages(repo)]
-    metrics = publish_metrics(repo, params_file)
+    graph = read_stage_graph(repo)
+    done: dict[str, StageResult] = {}
+    for stage in graph.order:
+        upstream = [opaque(done[up]) for up in graph.upstreams[stage]] or [opaque(graph)]
+        done[stage] = run_stage(repo, stage, force, wait_for=upstream)
+    sinks = [opaque(done[stage]) for stage in graph.sinks] or [opaque(graph)]
+    metrics = publish_metrics(repo, params_file, wait_for=sinks)
+    results = list(done.values())
     return {
         "stages_run": [r.stage for r in results if r.outcome == "ran"],
         "stages_skipped": [r.stage for r in results if r.outcome == "skipped"],

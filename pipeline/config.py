@@ -447,14 +447,34 @@ class ImportedConfig:
                 )
 
 
+ReplayFault = Literal["429", "500", "truncated", "disconnect", "garbage", "empty"]
+
+
+@dataclass(config=STRICT)
+class ReplayConfig:
+    """``backend: replay``: a local OpenAI-compatible server that answers each listwise prompt with the order a
+    recorded ranking file gives that window's passages (a real LLM's decisions, no API key; the calls go through
+    the same client and cache as any endpoint's). ``fault_rate``: the share of requests that misbehave, as one of
+    ``faults`` (seeded), to see what a run survives."""
+
+    path: str | None = None  # a TREC run or rank_llm JSON of the recorded rankings
+    format: Literal["trec", "rank_llm-json"] = "trec"
+    model_name: str | None = None  # the name in cache keys and labels (default: replay:<file>@<its sha256>)
+    fault_rate: float = Field(default=0.0, ge=0, le=1)
+    faults: tuple[ReplayFault, ...] = ("truncated", "garbage", "500", "empty")
+    seed: int = 0
+
+
 @dataclass(config=STRICT)
 class TeacherConfig:
-    backend: Literal["embedded", "openai"] = "embedded"
+    # embedded: llama.cpp in-process; openai: any OpenAI-compatible endpoint; replay: a recorded ranking replayed
+    backend: Literal["embedded", "openai", "replay"] = "embedded"
     # pointwise: what measured best embedded (bench); rationales: Reason-to-Rank's ranking with reasons
     method: TeacherMethod = "pointwise"
     # any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp's server, Ollama) when backend is "openai"
     endpoint: EndpointConfig | None = None
     embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     listwise: ListwiseConfig = Field(default_factory=ListwiseConfig)
     pointwise: PointwiseConfig = Field(default_factory=PointwiseConfig)
@@ -748,6 +768,13 @@ def teacher_for(teacher: TeacherConfig, target: TeachTarget) -> TeacherConfig:
 def _check_teacher(teacher: TeacherConfig, where: str = "teacher") -> None:
     if teacher.method != "imported" and teacher.backend == "openai" and teacher.endpoint is None:
         raise ConfigError(f"{where}.endpoint: backend 'openai' needs an endpoint (base_url, model, api_key_env)")
+    if teacher.method != "imported" and teacher.backend == "replay":
+        if teacher.replay.path is None:
+            raise ConfigError(f"{where}.replay.path: backend 'replay' needs the recorded ranking file to replay")
+        if teacher.method != "listwise":
+            raise ConfigError(
+                f"{where}.method: backend 'replay' answers listwise prompts only (got {teacher.method!r})"
+            )
     if teacher.method == "imported" and not teacher.imported.files:
         raise ConfigError(
             f"{where}.imported.files: method 'imported' needs at least one file of rankings "

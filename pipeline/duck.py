@@ -17,14 +17,16 @@ with the ``collection`` column telling them apart. Views are created for the tab
 
 from __future__ import annotations
 
+import difflib
 import glob
+import re
 from pathlib import Path
 
 import duckdb
 
 from pipeline.config import Paths
 from pipeline.schemas import TABLES, TableSpec
-from pipeline.teacher.cache import teacher_calls_view_sql
+from pipeline.teacher.cache import SHARD_GLOB, teacher_calls_view_sql
 
 
 def table_glob(spec: TableSpec, paths: Paths) -> str:
@@ -51,10 +53,18 @@ def view_statements(paths: Paths, root: Path | str = ".") -> list[str]:
             f"CREATE OR REPLACE VIEW {spec.name} AS "
             f"SELECT * FROM read_parquet({_sql_string(location)}, union_by_name = true);"
         )
-    # the teacher's call cache: JSONL shards, one folder per collection (an empty view when there are none)
-    cache_glob = str((root / paths.teacher_cache).resolve() / "*")
-    statements.append(f"CREATE OR REPLACE VIEW teacher_calls AS {teacher_calls_view_sql(cache_glob)};")
+    statements.append(teacher_calls_statement(root / paths.teacher_cache))
     return statements + derived_view_statements(present)
+
+
+def teacher_calls_statement(cache: Path) -> str:
+    """The ``teacher_calls`` view: every shard of the call cache, at any depth under ``cache`` (the teach
+    targets' folders ``<name>/`` and the synthesize stage's ``_synthesize/<name>/``); an empty view when there
+    are none."""
+    cache = cache.resolve()
+    folders = sorted({shard.parent for shard in cache.rglob(SHARD_GLOB)}) if cache.is_dir() else []
+    selects = [teacher_calls_view_sql(folder) for folder in folders] or [teacher_calls_view_sql(cache)]
+    return f"CREATE OR REPLACE VIEW teacher_calls AS {' UNION ALL '.join(selects)};"
 
 
 # The views built on the table views, each with the tables it needs. ``reasons``: one row per explained passage
@@ -107,11 +117,73 @@ def connect(paths: Paths, root: Path | str = ".") -> duckdb.DuckDBPyConnection:
     return con
 
 
+# Every view this module can make: a table's once a stage has written it, the derived ones once their tables exist.
+DERIVED_VIEWS = {
+    "teacher_calls": "the teacher's call cache",
+    "all_queries": "queries or synthetic_queries",
+    "teacher_explained": "teacher_rankings, rationales, corpus and queries or synthetic_queries",
+}
+VIEW_NAMES = (*TABLES, *DERIVED_VIEWS)
+
+
+class UnknownTableError(duckdb.CatalogException):
+    """A query named a table or view that does not exist (the message lists the views that do)."""
+
+
+_UNKNOWN_TABLE = re.compile(r"Table with name (.+?) does not exist!")
+
+
+def unknown_table_message(error: str, views: list[str], paths: Paths, root: Path | str = ".") -> str | None:
+    r"""DuckDB's message for an unknown table with its hint (the nearest of its own catalog tables, such as
+    ``pg_sequences``) replaced by the views here; None for any other error.
+
+    >>> error = 'Catalog Error: Table with name corpu does not exist!\nDid you mean "pg_sequences"?\n\nLINE 1: ...'
+    >>> print(unknown_table_message(error, ["corpus", "qrels"], Paths()))
+    Catalog Error: no table or view named 'corpu'. Did you mean "corpus"?
+    The views: corpus, qrels
+    Not made (no stage has written their tables yet): queries, ..., teacher_explained
+    <BLANKLINE>
+    LINE 1: ...
+    """
+    match = _UNKNOWN_TABLE.search(error)
+    if match is None:
+        return None
+    name = match.group(1)
+    pending = [v for v in VIEW_NAMES if v not in views]
+    spec = TABLES.get(name.lower())
+    if name.lower() in pending:
+        what = (
+            f"no file matches {Path(root) / table_glob(spec, paths)} (the stage that writes it has not run)"
+            if spec is not None
+            else f"it needs {DERIVED_VIEWS[name.lower()]}"
+        )
+        first = f"Catalog Error: there is no view {name!r} yet: {what}"
+    else:
+        close = difflib.get_close_matches(name.lower(), [*views, *pending], n=1)
+        first = f"Catalog Error: no table or view named {name!r}." + (f' Did you mean "{close[0]}"?' if close else "")
+    lines = [first, "The views: " + (", ".join(views) or "none")]
+    if pending:
+        lines.append("Not made (no stage has written their tables yet): " + ", ".join(pending))
+    location = error.find("\nLINE ")  # DuckDB's pointer to the name in the query
+    return "\n".join(lines) + ("\n" + error[location:] if location >= 0 else "")
+
+
 def query(paths: Paths, sql: str, root: Path | str = ".") -> tuple[list[str], list[tuple]]:
-    """Run ``sql`` over the views; return (column names, rows)."""
-    con = connect(paths, root)
+    """Run ``sql`` over the views; return (column names, rows). A query naming a table that does not exist raises
+    ``UnknownTableError``, whose message lists the views."""
+    statements = view_statements(paths, root)
+    con = duckdb.connect()
     try:
-        cursor = con.execute(sql)
+        for statement in statements:
+            con.execute(statement)
+        try:
+            cursor = con.execute(sql)
+        except duckdb.CatalogException as err:
+            views = [statement.split()[4] for statement in statements]
+            message = unknown_table_message(str(err), views, paths, root)
+            if message is None:
+                raise
+            raise UnknownTableError(message) from None
         columns = [d[0] for d in cursor.description] if cursor.description else []
         return columns, cursor.fetchall()
     finally:

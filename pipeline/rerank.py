@@ -219,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(err))
     if not args.run.is_file():
         return _fail(f"{args.run}: run file not found")
+    # never a folder made on the user's behalf: a mistyped --out would hide the run somewhere unexpected
+    if args.out.is_dir():
+        return _fail(f"--out {args.out}: is a directory; give the reranked run's file name, e.g. {args.out}/run.trec")
+    if not args.out.parent.is_dir():
+        return _fail(f"--out {args.out}: directory {args.out.parent} does not exist (create it, or write elsewhere)")
     try:
         run = read_trec_run(args.run)
     except RunFormatError as err:

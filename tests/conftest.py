@@ -17,8 +17,9 @@ FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tiny"
 SHARED_DATA = REPO.parent / "shared" / "data"
 BIN = Path(sys.executable).parent
 
-# What a copy of the repository needs for `dvc repro`: the DAG, the code it names as dependencies, DVC config.
-REPO_FILES = ("dvc.yaml", ".dvcignore", ".dvc/config", "pipeline")
+# What a copy of the repository needs for `dvc repro`: the DAG, the launcher its commands call, the code it names as
+# dependencies, DVC config.
+REPO_FILES = ("dvc.yaml", "bin/distillrank", ".dvcignore", ".dvc/config", "pipeline")
 # paths (params.yaml keys) that always exist in the repository: each holds a committed README.md
 ALWAYS_PRESENT = ("synthetic", "pool", "teacher", "reranked", "training")
 

@@ -40,6 +40,11 @@ def test_repro_builds_every_output(reproduced: Path) -> None:
     assert (repo / "plots/per_query_deltas.csv").is_file()
     per_query = pd.read_parquet(repo / "data/evaluation/per_query.parquet")
     assert set(per_query.run) == {"bm25", "shipped-weak"}
+    # the headline (the DVC metrics): one small file per collection × run, what `dvc metrics show` prints
+    headline = sorted(p.name for p in (repo / "metrics/headline/tiny/all").glob("*.json"))
+    assert headline == ["bm25.json", "shipped-weak.json"]
+    shown = run_cli(["dvc", "metrics", "show"], repo)
+    assert shown.returncode == 0 and shown.stdout.split()[:6] == ["Path", "R@100", "RR@10", "delta", "nDCG@10", "p"]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert STAGES <= set(lock["stages"])
 
@@ -84,7 +89,7 @@ def test_repository_dag_lists_the_default_stages() -> None:
 def test_teach_stage_in_dvc_keeps_its_call_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """teach-collection@<name> runs in `dvc repro`; its call cache is `persist: true`, so even a forced re-run pays
     nothing."""
-    from openai_server import OpenAIServer
+    from pipeline.teacher.chat_server import OpenAIServer
 
     monkeypatch.setenv("DISTILLRANK_DVC_TEST_KEY", "sk-dvc-test")
     with OpenAIServer() as server:

@@ -201,3 +201,29 @@ def test_every_run_is_also_measured_on_the_held_out_queries(tmp_path: Path) -> N
     assert TEACHER not in held["runs"]  # it labelled t1..t3 only, none of them held out
     assert held["vs_bm25"]["student-ce"]["queries"] == 4 and held["vs_bm25"]["student-ce"]["wins"] == 2
     assert metrics["c"]["vs_bm25"]["student-ce"]["queries"] == 8  # the whole split is still there
+
+
+def test_the_headline_is_one_small_file_per_collection_and_run_and_has_no_stale_file(tmp_path: Path) -> None:
+    """metrics/headline/<collection>/all/<run>.json: the measures, delta and p of eval.json; a run evaluated no
+    more (a student removed from params) leaves no file behind."""
+    paths = tmp_paths(tmp_path)
+    write_collection(paths)
+    write_student(paths, "student-ce")
+    write_teacher(paths)
+    summary = evaluate_c(paths)
+    folder = Path(paths.metrics) / "headline"
+    assert summary["headline"] == str(folder)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.json"))
+    assert files == ["c/all/bm25.json", "c/all/student-ce.json", "c/all/teacher.m@bm25.json"]
+    student = json.loads((folder / "c/all/student-ce.json").read_text())
+    versus = summary["metrics"]["c"]["vs_bm25"]["student-ce"]
+    assert student == {
+        **summary["metrics"]["c"]["runs"]["student-ce"],
+        "delta": versus["delta"],
+        "p": versus["p_value"],
+    }
+    assert set(json.loads((folder / "c/all/bm25.json").read_text())) == {"nDCG@10", "RR@10"}  # the baseline
+
+    cfg = EvaluateConfig(measures=("nDCG@10", "RR@10"), baseline="bm25")
+    evaluate.run({"c": EvaluationCollection(split="test")}, {"c": 1}, cfg, paths, students=[])
+    assert sorted(p.name for p in folder.rglob("*.json")) == ["bm25.json", "teacher.m@bm25.json"]

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import make_repo_copy, run_cli, save_tiny_cross_encoder, tiny_params
-from openai_server import OpenAIServer
+from pipeline.teacher.chat_server import OpenAIServer
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
 """Reason-to-Rank rationales: answer parsing, the teach stage's rationale mode against the local OpenAI-compatible
-test server (tests/openai_server.py), the rationales table and its DuckDB view (no LLM)."""
+test server (pipeline/teacher/chat_server.py), the rationales table and its DuckDB view (no LLM)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import tiny_params
-from openai_server import PASSAGE_MARK, OpenAIServer
 from pipeline import duck, schemas
 from pipeline.config import Budget, EndpointConfig, SamplingConfig, parse_params
 from pipeline.stages import teach
 from pipeline.teacher.cache import TeacherCache, call_key
+from pipeline.teacher.chat_server import PASSAGE_MARK, OpenAIServer
 from pipeline.teacher.client import CachedTeacher
 from pipeline.teacher.rationales import (
     ParsedRationales,

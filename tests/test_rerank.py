@@ -129,6 +129,7 @@ def test_cli_reranks_a_shipped_run_end_to_end(tmp_path: Path, monkeypatch, capsy
         "pipeline.students.registry.load_student", lambda folder, device=None, precision="auto": OverlapStudent()
     )
     out = tmp_path / "out" / "reranked.trec"
+    out.parent.mkdir()
     run = FIXTURE / "runs" / "weak.trec"
     code = main(cli_args(student_folder(tmp_path), run, out, "--depth", "3", "--no-progress"))
     assert code == 0
@@ -165,6 +166,23 @@ def test_cli_errors_name_the_file(tmp_path: Path, capsys) -> None:
     assert exit_info.value.code == 2
     assert "--depth: must be at least 1" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cli_refuses_an_out_in_a_missing_directory(tmp_path: Path, monkeypatch, capsys) -> None:
+    def no_model(*args, **kwargs):
+        raise AssertionError("the output path is checked before the student loads")
+
+    monkeypatch.setattr("pipeline.students.registry.load_student", no_model)
+    model = student_folder(tmp_path)
+    run = FIXTURE / "runs" / "weak.trec"
+    out = tmp_path / "no-such-dir" / "reranked.trec"
+    assert main(cli_args(model, run, out, "--no-progress")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"directory {out.parent} does not exist" in err
+    assert not out.parent.exists()
+    # a directory given as --out is refused too, naming it
+    assert main(cli_args(model, run, tmp_path, "--no-progress")) == 2
+    assert f"--out {tmp_path}: is a directory" in capsys.readouterr().err
 
 
 # --- the stage ----------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import FIXTURE, tiny_params, tool_env, write_params
-from openai_server import OpenAIServer
 from pipeline import schemas, synthesis
 from pipeline.config import ConfigError, EndpointConfig, SamplingConfig, parse_params
 from pipeline.sources import load_beir_folder
@@ -31,6 +30,7 @@ from pipeline.synthesis import (
     split_sentences,
 )
 from pipeline.teacher.cache import TeacherCache
+from pipeline.teacher.chat_server import OpenAIServer
 from pipeline.teacher.client import CachedTeacher
 from pipeline.teacher.templates import load_template
 

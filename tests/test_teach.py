@@ -1,4 +1,4 @@
-"""The teach stage against a real OpenAI-compatible HTTP server on 127.0.0.1 (tests/openai_server.py)."""
+"""The teach stage against a real OpenAI-compatible HTTP server on 127.0.0.1 (pipeline/teacher/chat_server.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 
 from conftest import tiny_params, tool_env, write_params
-from openai_server import PASSAGE_MARK, OpenAIServer, default_responder
 from pipeline.config import ConfigError, parse_params
 from pipeline.stages import teach
 from pipeline.teacher.cache import TeacherCache
+from pipeline.teacher.chat_server import PASSAGE_MARK, OpenAIServer, default_responder
 
 KEY_ENV = "DISTILLRANK_TEST_TEACHER_KEY"
 SECRET = "sk-test-never-written-0123456789"

@@ -11,11 +11,11 @@ import pytest
 from test_rationales import json_responder
 
 from conftest import tiny_params
-from openai_server import OpenAIServer
 from pipeline import duck, schemas
 from pipeline.config import ConfigError, parse_params
 from pipeline.io import write_table
 from pipeline.stages import teach
+from pipeline.teacher.chat_server import OpenAIServer
 
 KEY_ENV = "DISTILLRANK_TEST_SYNTHETIC_KEY"
 
@@ -153,7 +153,7 @@ def test_rationales_over_synthetic_queries_and_their_text_in_duckdb(root: Path, 
 
 def test_missing_tables_and_empty_selections_are_named(root: Path, tmp_path: Path) -> None:
     teacher = imported_teacher(root)
-    with pytest.raises(ConfigError, match=r"teach.tiny.split: no synthesized queries in split 'test'.*dev"):
+    with pytest.raises(ConfigError, match=r"teach.synthetic.tiny.split: no synthesized queries in split 'test'.*dev"):
         run_teach(synthetic_params(root, teacher, split="test"))
     with pytest.raises(ConfigError, match=r"no 'rrf' candidates .*methods here: \['bm25', 'pool'\]"):
         run_teach(synthetic_params(root, teacher, candidates="rrf"))

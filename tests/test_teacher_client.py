@@ -1,4 +1,4 @@
-"""The cached teacher client against a real OpenAI-compatible HTTP server (``tests/openai_server.py``).
+"""The cached teacher client against a real OpenAI-compatible HTTP server (``pipeline/teacher/chat_server.py``).
 
 Nothing of the ``openai`` client is mocked: retries, timeouts and response parsing are its own. The client
 timeout is 0.5 s and ``max_retries`` 2, so the whole file runs in seconds.
@@ -20,9 +20,9 @@ import openai
 import pytest
 from pydantic import ValidationError
 
-from openai_server import Fault, HangingServer, OpenAIServer, body_hash
 from pipeline.config import BreakerConfig
 from pipeline.teacher.cache import TeacherCache, teacher_calls_view_sql
+from pipeline.teacher.chat_server import Fault, HangingServer, OpenAIServer, body_hash
 from pipeline.teacher.client import (
     Budget,
     BudgetExceeded,

@@ -27,6 +27,16 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 )
 # Stages that call the teacher (whose dependencies are imported only when needed).
 TEACHER_STAGES = frozenset({"teach", "synthesize"})
+# Libraries whose INFO log is chatter (one line per HTTP request: the openai client's httpx2, or httpx; "llama_cpp":
+# the embedded server's log, which goes to its file in the stage's folder): WARNING and up unless the stage runs -v
+CHATTY_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "llama_cpp")
+
+
+def configure_logging(stage: str, verbose: bool = False) -> None:
+    """INFO on the console for the pipeline's own loggers; the chatty libraries' too only when ``verbose``."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage} %(levelname)s %(message)s")
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
 
 
 def _teacher_errors() -> tuple[type[Exception], ...]:
@@ -47,8 +57,15 @@ def stage_main(
     if per_collection:
         parser.add_argument("collection", help="the collection's name under 'collections' in params.yaml")
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_FILE, help="parameters file")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also log every HTTP request and, on the console, the embedded llama.cpp server's log (otherwise in "
+        "llama_server.log in the stage's output folder)",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage} %(levelname)s %(message)s")
+    configure_logging(stage, args.verbose)
     try:
         params = load_params(args.params)
         summary = body(params, getattr(args, "collection", None))

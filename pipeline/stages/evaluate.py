@@ -3,9 +3,11 @@
 Runs are our first-stage runs (the ``candidates`` table, one run per method); when asked, the runs a collection
 ships in ``runs/`` (named ``shipped-<name>``); every student's reranked run found under ``paths.reranked`` (named
 after the student); and the teacher's ranking (``teacher``) where it labelled queries of the evaluation split,
-measured on those queries only. Writes ``metrics/eval.json`` (DVC metrics; with the students' fidelity figures
-from ``metrics/students/*.json`` under ``students``), the ``eval_per_query`` table, and per-query deltas against
-the baseline run (paired t-test and Wilcoxon signed-rank p-values) as a DVC plot (CSV) and PNGs.
+measured on those queries only. Writes ``metrics/eval.json`` (every figure; with the students' fidelity figures
+from ``metrics/students/*.json`` under ``students``), the headline figures as one small file per collection × run
+under ``metrics/headline/`` (the DVC metrics: see :mod:`pipeline.headline`), the ``eval_per_query`` table, and
+per-query deltas against the baseline run (paired t-test and Wilcoxon signed-rank p-values) as a DVC plot (CSV)
+and PNGs.
 
 None of the student or teacher folders has to exist: without them only the first-stage runs are evaluated.
 """
@@ -16,17 +18,22 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from scipy import stats
 
+from pipeline import headline as headline_metrics
 from pipeline import schemas
 from pipeline.config import ConfigError, EvaluateConfig, EvaluationCollection, Params, Paths
-from pipeline.io import atomic_path, read_table, write_json, write_table, write_text
+from pipeline.io import atomic_folder, atomic_path, read_table, write_json, write_table, write_text
 from pipeline.metrics import evaluate_run
 from pipeline.stages.common import evaluation_queries
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -205,15 +212,26 @@ def delta_rows(per_query: pd.DataFrame, baseline: str, measure: str) -> pd.DataF
 
 
 def plot_deltas(deltas: pd.DataFrame, collection: str, baseline: str, path: Path) -> Path:
-    """One panel per run: the sorted per-query delta against the baseline, as a bar chart (PNG)."""
-    import matplotlib
+    """The collection's :func:`delta_figure` as a PNG at ``path``."""
+    fig = delta_figure(deltas, collection, baseline)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def delta_figure(deltas: pd.DataFrame, collection: str, baseline: str) -> Figure:
+    """One panel per run: the sorted per-query delta of the headline measure against the baseline, as a bar chart
+    titled with the collection, the measure and the baseline."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     mine = deltas[deltas.collection == collection]
     runs = sorted(mine.run.unique())
-    fig, axes = plt.subplots(max(len(runs), 1), 1, figsize=(9, 2.2 * max(len(runs), 1) + 0.6), squeeze=False)
+    measure = mine.measure.iloc[0] if len(mine) else ""
+    # constrained: the figure's title never overlaps the first panel's; one y scale, so the panels compare
+    fig = Figure(figsize=(9, 2.2 * max(len(runs), 1) + 0.8), layout="constrained")
+    axes = fig.subplots(max(len(runs), 1), 1, squeeze=False, sharey=True)
+    fig.suptitle(f"{collection}: per-query Δ {measure} of each run vs {baseline}" if runs else collection)
     if not runs:  # only the baseline so far: say so rather than leave the plot out
         axes[0, 0].text(0.5, 0.5, f"{collection}: no run besides {baseline} yet", ha="center", va="center")
         axes[0, 0].set_axis_off()
@@ -222,16 +240,16 @@ def plot_deltas(deltas: pd.DataFrame, collection: str, baseline: str, path: Path
         colours = ["tab:green" if d > 0 else "tab:red" for d in part.delta]
         axis.bar(part.order, part.delta, color=colours, width=1.0)
         axis.axhline(0, color="black", linewidth=0.6)
-        axis.set_ylabel("Δ")
-        axis.set_title(f"{run} − {baseline}: mean {part.delta.mean():+.4f}", fontsize=9)
-    measure = mine.measure.iloc[0] if len(mine) else ""
+        axis.set_ylabel(f"Δ {measure}\nvs {baseline}")  # two lines: a panel is 2.2 inches high
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # query positions
+        axis.set_title(
+            f"{run} − {baseline}: mean {part.delta.mean():+.4f} over {len(part)} queries "
+            f"({(part.delta > 0).sum()} better, {(part.delta < 0).sum()} worse)",
+            fontsize=9,
+        )
     if runs:
         axes[-1, 0].set_xlabel(f"queries of {collection}, sorted by Δ {measure}")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def run(
@@ -303,6 +321,7 @@ def run(
     spec = schemas.TABLES["eval_per_query"]
     write_table(per_query, spec.schema, Path(paths.evaluation) / spec.filename)
     write_json(metrics, Path(paths.metrics) / EVAL_METRICS_FILE)
+    headline_folder = write_headline(metrics, cfg.measures, Path(paths.metrics) / headline_metrics.FOLDER)
     all_deltas = pd.concat(deltas, ignore_index=True)
     write_text(all_deltas.to_csv(index=False), Path(paths.plots) / DELTAS_CSV)
     pngs = [
@@ -311,7 +330,16 @@ def run(
         )
         for name in evaluation
     ]
-    return {"metrics": metrics, "plots": pngs}
+    return {"metrics": metrics, "headline": str(headline_folder), "plots": pngs}
+
+
+def write_headline(metrics: dict, measures: Sequence[str], folder: Path) -> Path:
+    """The headline files of ``metrics`` (:func:`pipeline.headline.files`), replacing ``folder`` as a whole: a run
+    no longer evaluated leaves no file behind."""
+    with atomic_folder(folder) as tmp:
+        for relative, figures in headline_metrics.files(metrics, measures).items():
+            write_json(figures, tmp / relative)
+    return folder
 
 
 def _body(params: Params, name: str | None) -> dict:

@@ -104,8 +104,14 @@ def run(name: str, target: SynthesizeTarget, teacher: TeacherConfig, paths: Path
                     f"teacher.endpoint: synthesize.{name}.generator 'llm' with backend 'openai' needs an endpoint "
                     f"(or set synthesize.{name}.generator: doc2query)"
                 )
+            if teacher.backend == "replay":
+                raise ConfigError(
+                    f"teacher.backend: 'replay' answers listwise ranking prompts only, not synthesize.{name}'s query "
+                    f"generation (set synthesize.{name}.generator: doc2query, or a backend that generates)"
+                )
             from pipeline.teacher.cache import TeacherCache
             from pipeline.teacher.client import CachedTeacher
+            from pipeline.teacher.embedded import SERVER_LOG_NAME
             from pipeline.teacher.endpoint import teacher_endpoint
             from pipeline.teacher.outcome import calls_summary
             from pipeline.teacher.templates import load_template
@@ -113,7 +119,8 @@ def run(name: str, target: SynthesizeTarget, teacher: TeacherConfig, paths: Path
             template = load_template(target.template)
             sampling = generation_sampling(teacher.sampling)
             with contextlib.ExitStack() as stack:
-                endpoint = stack.enter_context(teacher_endpoint(teacher, paths))
+                server_log = paths.synthetic_dir(name) / SERVER_LOG_NAME
+                endpoint = stack.enter_context(teacher_endpoint(teacher, paths, server_log=server_log))
                 cache = stack.enter_context(TeacherCache(synthesize_cache_dir(paths, name)))
                 client = CachedTeacher(
                     endpoint,

@@ -22,13 +22,14 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import schemas
-from pipeline.config import ConfigError, Params, Paths, TeacherConfig, TeachTarget, teacher_for
+from pipeline.config import ConfigError, Params, Paths, TeacherConfig, TeachTarget, teach_key, teacher_for
 from pipeline.io import write_json, write_table
 from pipeline.stages.common import split_queries
 from pipeline.teacher import imported, listwise, pointwise, rationales
 from pipeline.teacher.cache import TeacherCache
 from pipeline.teacher.candidates import load_pool, synthetic_queries
 from pipeline.teacher.client import CachedTeacher
+from pipeline.teacher.embedded import SERVER_LOG_NAME
 from pipeline.teacher.endpoint import teacher_endpoint
 from pipeline.teacher.outcome import calls_summary
 from pipeline.teacher.quality import source_doc_quality, teacher_quality
@@ -44,12 +45,13 @@ def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, mi
     if target.queries == "synthetic":
         queries = synthetic_queries(paths, name, target.split)
     else:
-        queries = split_queries(paths, name, target.split, f"teach.{name}.split")
+        queries = split_queries(paths, name, target.split, f"{teach_key(name, target)}.split")
     pool = load_pool(name, target, paths, queries)
     # the cache folder is a DVC output: it exists even when imported labels make no call
     paths.teacher_cache_dir(name).mkdir(parents=True, exist_ok=True)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     counters = None
+    served: dict = {}  # what a local teacher server (replay) reports it served
     if teacher.method == "imported":
         outcome = imported.teach(pool, None, teacher)
         model = ", ".join(sorted(outcome.rankings.model.unique())) if len(outcome.rankings) else "imported"
@@ -64,7 +66,9 @@ def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, mi
         }[teacher.method]
         template = load_template(template_name)
         with (
-            teacher_endpoint(teacher, paths) as endpoint,
+            teacher_endpoint(
+                teacher, paths, pool, served, server_log=paths.teacher_dir(name) / SERVER_LOG_NAME
+            ) as endpoint,
             TeacherCache(paths.teacher_cache_dir(name)) as cache,
         ):
             client = CachedTeacher(
@@ -130,6 +134,7 @@ def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, mi
     }
     if pool.origin == "synthetic":
         summary["source_doc"] = source_doc_quality(pool, rankings)
+    summary.update(served)
     if counters is not None:
         summary["calls"] = {
             **calls_summary(counters),

@@ -17,11 +17,11 @@ from typing import Any
 import pandas as pd
 
 from pipeline import schemas
-from pipeline.config import ConfigError, Params, Paths, StudentConfig
+from pipeline.config import ConfigError, Params, Paths, StudentConfig, TeachTarget
 from pipeline.io import atomic_folder, read_table
+from pipeline.students.card import training_datasets, write_card
 from pipeline.students.outputs import (
     provenance_section,
-    write_card,
     write_curve,
     write_student_info,
     write_student_metrics,
@@ -61,8 +61,15 @@ def teacher_info(labels: str, paths: Paths) -> dict[str, Any]:
     }
 
 
-def run(name: str, cfg: StudentConfig, paths: Paths, callbacks: list[Any] | None = None) -> dict:
-    """Train student ``name``; ``callbacks``: extra Trainer callbacks (tests use one to interrupt a run)."""
+def run(
+    name: str,
+    cfg: StudentConfig,
+    paths: Paths,
+    callbacks: list[Any] | None = None,
+    target: TeachTarget | None = None,
+) -> dict:
+    """Train student ``name``; ``callbacks``: extra Trainer callbacks (tests use one to interrupt a run);
+    ``target``: its teach target's config (which of the collection's queries it learns from, for the card)."""
     examples = read_examples(cfg, paths, name)
     teacher = teacher_info(cfg.labels, paths)
     rationales = None
@@ -93,9 +100,14 @@ def run(name: str, cfg: StudentConfig, paths: Paths, callbacks: list[Any] | None
                 "steps": summary.get("steps"),
             },
         )
-        tags = f"[reranking, distillation, distillrank, {cfg.kind}]"
-        header = f"---\nlibrary_name: transformers\ntags: {tags}\n---\n# {name}\n"
-        write_card(out_dir, provenance_section(name, cfg, summary, teacher) + result.card_section, header=header)
+        # the held-out figures do not exist yet: `distillrank export` writes them into its copy's card
+        write_card(
+            out_dir,
+            {**result.info, "name": name, "labels": cfg.labels, "init_from": cfg.init_from},
+            provenance_section(name, cfg, summary, teacher) + result.card_section,
+            model_ref=name,
+            datasets=training_datasets(cfg.labels, *((target.queries, target.split) if target else ())),
+        )
     csv_path, png_path = write_curve(name, result.curve, paths.plots)
     metrics_path = write_student_metrics(name, summary, paths.metrics)
     return {
@@ -113,7 +125,8 @@ def _body(params: Params, name: str | None) -> dict:
     assert name is not None
     if name not in params.students:
         raise ConfigError(f"students.{name}: not a student in params.yaml (students: {sorted(params.students)})")
-    return run(name, params.students[name], params.paths)
+    cfg = params.students[name]
+    return run(name, cfg, params.paths, target=params.teach.get(cfg.labels))
 
 
 def main(argv: list[str] | None = None) -> int:

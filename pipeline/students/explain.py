@@ -21,6 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 EXIT_USAGE = 2
+# the repository's presets (presets/<name>.yaml): where an R2R student comes from
+PRESETS = Path(__file__).resolve().parents[2] / "presets"
 
 
 class ExplainError(ValueError):
@@ -37,6 +39,46 @@ def _snippet(title: str, text: str, words: int = 12) -> str:
         return title.strip()
     tokens = text.split()
     return " ".join(tokens[:words]) + (" …" if len(tokens) > words else "")
+
+
+def r2r_presets(folder: Path = PRESETS) -> list[tuple[str, str]]:
+    """(preset, student folder) for every R2R student (``kind: r2r``) a preset of ``folder`` trains."""
+    import yaml
+
+    found = []
+    for path in sorted(Path(folder).glob("*.yaml"), key=lambda path: path.stem):
+        try:
+            params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        students = params.get("students") or {}
+        root = (params.get("paths") or {}).get("students", "data/students")
+        found += [
+            (path.stem, f"{root}/{name}")
+            for name, cfg in students.items()
+            if isinstance(cfg, dict) and cfg.get("kind") == "r2r"
+        ]
+    return found
+
+
+def r2r_hint(folder: Path = PRESETS) -> str:
+    """Where an R2R student comes from: the presets that train one, and the folder each writes.
+
+    >>> r2r_hint(Path("/nonexistent"))
+    "train a student of kind 'r2r' (students.<name>.kind: r2r in params.yaml)"
+    """
+    presets = r2r_presets(folder)
+    if not presets:
+        return "train a student of kind 'r2r' (students.<name>.kind: r2r in params.yaml)"
+    by_folder: dict[str, list[str]] = {}
+    for preset, student in presets:
+        by_folder.setdefault(student, []).append(preset)
+    return "an R2R student comes from a preset: " + "; ".join(
+        f"`make preset PRESET={names[0]}`"
+        + "".join(f" (or PRESET={name})" for name in names[1:])
+        + f" trains {student}"
+        for student, names in by_folder.items()
+    )
 
 
 def candidates(run: pd.DataFrame, query_id: str, depth: int) -> list[str]:
@@ -69,13 +111,16 @@ def explain(
     from pipeline.sources import CollectionError, read_beir_corpus, read_beir_queries
     from pipeline.students.base import StudentLoadError, read_student_info
 
+    if not Path(model_dir).is_dir():
+        raise ExplainError(f"{model_dir}: the folder does not exist; {r2r_hint()}")
     try:
         info = read_student_info(model_dir)
     except StudentLoadError as err:
-        raise ExplainError(str(err)) from None
+        raise ExplainError(f"{err}; {r2r_hint()}") from None
     if info.get("kind") != "r2r":
         raise ExplainError(
-            f"{model_dir}: a {info.get('kind')!r} student cannot explain; explain needs an R2R student (kind 'r2r')"
+            f"{model_dir}: a {info.get('kind')!r} student cannot explain; explain needs an R2R student (kind 'r2r'): "
+            f"{r2r_hint()}"
         )
     if not Path(run_path).is_file():
         raise ExplainError(f"{run_path}: run file not found")

@@ -1,9 +1,16 @@
-"""Export a trained student to ONNX, for serving without PyTorch (ONNX Runtime, Triton, onnxruntime-web).
+"""Export a trained student: a copy of its folder, ready for the Hugging Face Hub, with ONNX graphs for serving
+without PyTorch (ONNX Runtime, Triton, onnxruntime-web) or without them (``--format hub``).
 
-    distillrank export --model DIR --out DIR [--format onnx] [--quantize int8] [--opset 17]
+    distillrank export --model DIR --out DIR [--format onnx|hub] [--quantize int8] [--opset 17]
+                       [--params params.yaml] [--repo-id ORG/NAME]
 
-Writes a copy of the student folder (still a student folder: ``distillrank rerank`` and sentence-transformers load
-it as before) plus, in the layout sentence-transformers' ONNX backend reads:
+Every export rewrites the copy's model card (``pipeline.students.card``) with the held-out figures the evaluate
+stage measured for the student (``metrics/eval.json``, read through ``--params``): model-index results, a plain
+comparison with BM25, and a usage snippet that loads ``--repo-id`` (default: the output folder's name). The train
+stage's folder is never rewritten (it is a DVC output of train, written before any evaluation).
+
+With ``--format onnx`` (the default) the copy (still a student folder: ``distillrank rerank`` and
+sentence-transformers load it as before) also holds, in the layout sentence-transformers' ONNX backend reads:
 
 - ``onnx/model.onnx``: the transformer with dynamic batch and sequence axes (torch's ONNX exporter); a
   cross-encoder's graph returns ``logits``, a bi-encoder's ``last_hidden_state`` (the folder's pooling and
@@ -34,8 +41,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.students import card
 from pipeline.students.base import STUDENT_FILE, StudentLoadError, read_student_info
 
+FORMATS = ("onnx", "hub")
 ONNX_FOLDER = "onnx"
 FP32_FILE = "model.onnx"
 INT8_FILE = "model_qint8.onnx"
@@ -145,20 +154,83 @@ def largest_difference(reference: np.ndarray, other: np.ndarray) -> float:
     return float(np.abs(reference - other).max() / scale)
 
 
-def export(model_dir: Path, out_dir: Path, quantize: str | None = None, opset: int = DEFAULT_OPSET) -> dict:
-    """Export the student at ``model_dir`` into ``out_dir`` (a new folder); returns what was written and checked."""
-    import torch
+def held_out(info: dict, params_file: Path | None) -> tuple[list[card.HeldOut], dict[str, Any], str | None]:
+    """The student's held-out figures from the evaluate stage's metrics (through ``params_file``), what else the
+    card takes from the params (``export``'s ``rerank`` and ``datasets``), and why there are no figures (None when
+    there are)."""
+    from pipeline.config import ConfigError, load_params
+    from pipeline.stages.evaluate import EVAL_METRICS_FILE
 
+    if params_file is None:
+        return [], {}, "no --params given"
+    try:
+        params = load_params(params_file)
+    except ConfigError as err:
+        return [], {}, str(err)
+    path = Path(params.paths.metrics) / EVAL_METRICS_FILE
+    if not path.is_file():
+        return [], {}, f"{path} is missing (run the evaluate stage: `dvc repro evaluate`)"
+    name, labels = info.get("name"), info.get("labels")
+    results = card.held_out_results(str(name), str(labels), json.loads(path.read_text(encoding="utf-8")), params)
+    target = params.teach.get(str(labels))
+    context = {
+        "rerank": {"depth": params.rerank.depth},
+        "datasets": card.training_datasets(str(labels), *((target.queries, target.split) if target else ())),
+    }
+    if not results:
+        return [], context, f"{path} holds no held-out figures for student {name!r} (run `dvc repro evaluate`)"
+    return results, context, None
+
+
+def export(
+    model_dir: Path,
+    out_dir: Path,
+    quantize: str | None = None,
+    opset: int = DEFAULT_OPSET,
+    fmt: str = "onnx",
+    results: list[card.HeldOut] | None = None,
+    repo_id: str | None = None,
+    rerank: dict[str, Any] | None = None,
+    datasets: list[str] | None = None,
+) -> dict:
+    """Export the student at ``model_dir`` into ``out_dir`` (a new folder) with its card rewritten for ``results``
+    (``held_out``); returns what was written and checked."""
     info = read_student_info(model_dir)
     kind = str(info["kind"])
-    if kind not in KIND_OUTPUTS:
-        raise ExportError(f"{model_dir}: a {kind} student cannot be exported to ONNX (kinds: {sorted(KIND_OUTPUTS)})")
+    if fmt not in FORMATS:
+        raise ExportError(f"--format: one of {list(FORMATS)}, got {fmt!r}")
+    if fmt == "onnx" and kind not in KIND_OUTPUTS:
+        raise ExportError(
+            f"{model_dir}: a {kind} student cannot be exported to ONNX (kinds: {sorted(KIND_OUTPUTS)}; "
+            "--format hub exports any kind without graphs)"
+        )
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize: only int8 is supported, got {quantize!r}")
+    if quantize and fmt != "onnx":
+        raise ExportError("--quantize: only with --format onnx")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir}: the output folder exists and is not empty (give a new folder)")
     if out_dir.resolve() == model_dir.resolve():
         raise ExportError(f"{out_dir}: the output folder must not be the student's own folder")
+    write = {"results": results or [], "model_ref": repo_id or out_dir.name, "rerank": rerank, "datasets": datasets}
+    if fmt == "hub":
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
+            work = Path(tmp) / "student"
+            shutil.copytree(model_dir, work)
+            written = {**card.write_card(work, info, **write), "card": str(out_dir / card.CARD_FILE)}
+            if out_dir.exists():
+                out_dir.rmdir()  # empty (checked above)
+            work.rename(out_dir)
+        return {"model": str(model_dir), "out": str(out_dir), "kind": kind, "format": fmt, "files": {}, **written}
+    return _export_onnx(model_dir, out_dir, info, kind, quantize, opset, write)
+
+
+def _export_onnx(
+    model_dir: Path, out_dir: Path, info: dict, kind: str, quantize: str | None, opset: int, write: dict
+) -> dict:
+    import torch
+
     model, tokenizer = transformer_of(model_dir)
     max_length = int(info.get("max_length") or 512)
     inputs = encode_pairs(tokenizer, kind, CHECK_PAIRS, max_length)
@@ -189,22 +261,34 @@ def export(model_dir: Path, out_dir: Path, quantize: str | None = None, opset: i
         record = {"files": files, "opset": opset, "output": output, "max_scaled_difference": differences}
         info = {**info, "onnx": record}
         (work / STUDENT_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        written = {**card.write_card(work, info, **write), "card": str(out_dir / card.CARD_FILE)}
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
         work.rename(out_dir)
-    return {"model": str(model_dir), "out": str(out_dir), "kind": kind, **record}
+    return {"model": str(model_dir), "out": str(out_dir), "kind": kind, "format": "onnx", **record, **written}
 
 
 def _parser() -> argparse.ArgumentParser:
+    from pipeline.config import DEFAULT_PARAMS_FILE
+
     parser = argparse.ArgumentParser(
         prog="distillrank export",
-        description="Export a cross-encoder or bi-encoder student to ONNX (a copy of its folder plus onnx/).",
+        description="Export a student: a copy of its folder with a Hub-ready model card (held-out figures from the "
+        "evaluate stage), plus ONNX graphs of a cross-encoder or bi-encoder (--format onnx).",
     )
     parser.add_argument("--model", type=Path, required=True, help="a trained student's folder")
     parser.add_argument("--out", type=Path, required=True, help="a new folder for the exported student")
-    parser.add_argument("--format", choices=("onnx",), default="onnx")
+    parser.add_argument(
+        "--format", choices=FORMATS, default="onnx", help="onnx: the copy + onnx/ graphs; hub: the copy alone"
+    )
     parser.add_argument("--quantize", choices=("int8",), default=None, help="also write an int8 graph")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset ({DEFAULT_OPSET})")
+    parser.add_argument(
+        "--params", type=Path, default=DEFAULT_PARAMS_FILE, help="where the evaluate stage's metrics are (params.yaml)"
+    )
+    parser.add_argument(
+        "--repo-id", default=None, help="the Hub id the card's usage snippet loads (default: --out's name)"
+    )
     return parser
 
 
@@ -213,13 +297,20 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s export %(levelname)s %(message)s")
     try:
-        summary = export(args.model, args.out, args.quantize, args.opset)
+        info = read_student_info(args.model)
+        results, context, why_none = held_out(info, args.params)
+        summary = export(args.model, args.out, args.quantize, args.opset, args.format, results, args.repo_id, **context)
     except (StudentLoadError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for precision, file in summary["files"].items():
         difference = summary["max_scaled_difference"][precision]
         print(f"{summary['out']}/{file}: {precision}, largest difference from PyTorch {difference:.2e} (scaled)")
+    print(f"{summary['card']}: model card with {summary['results']} held-out result(s)")
+    if why_none:
+        print(f"warning: no held-out figures in the card: {why_none}", file=sys.stderr)
+    for key, why in summary["missing"].items():
+        print(f"warning: the card has no {key}: {why} (add it by hand before publishing)", file=sys.stderr)
     return 0
 
 

@@ -1,7 +1,7 @@
 """What every training run leaves besides the model: its training curve (CSV + PNG), its metrics JSON, the
 provenance in ``distillrank_student.json`` and the model card section that says who taught the student, on what,
-and how faithful it is. Sentence-transformers kinds keep the library's own card and get this section appended;
-the LM kinds' card is this section under a header of their own.
+and how faithful it is (``pipeline.students.card`` writes the card around it: front matter, held-out evaluation,
+usage).
 """
 
 from __future__ import annotations
@@ -11,15 +11,21 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from pipeline.io import atomic_path, write_json, write_text
 from pipeline.students.base import STUDENT_FILE
+from pipeline.students.card import CARD_MARKER, block_markers
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CURVE_COLUMNS = ["step", "train_loss", "dev_ndcg@10", "dev_kendall_tau"]
-CARD_MARKER = "<!-- distillrank -->"
+# the training plot's dev panel: each curve's legend, and the axis they share
+DEV_CURVES = {"dev_ndcg@10": "nDCG@10 (teacher as labels)", "dev_kendall_tau": "Kendall's τ (teacher's order)"}
+DEV_YLABEL = "fidelity to the teacher (dev)"
 
 
 def curve_from_log_history(log_history: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -68,34 +74,43 @@ def run_train_loss(log_history: list[dict], trainer_loss: float, first_step: int
 
 
 def write_curve(name: str, curve: pd.DataFrame, plots_dir: Path | str) -> tuple[Path, Path]:
-    """``<plots>/training/<name>.csv`` (a DVC plot) and a PNG of the same curves (loss; dev fidelity)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
+    """``<plots>/training/<name>.csv`` (a DVC plot) and a PNG of the same curves (:func:`curve_figure`)."""
     folder = Path(plots_dir) / "training"
     csv_path, png_path = folder / f"{name}.csv", folder / f"{name}.png"
     write_text(curve.to_csv(index=False), csv_path)
-    fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(10, 4))
-    loss = curve.dropna(subset=["train_loss"])
-    ax_loss.plot(loss.step, loss.train_loss, marker=".")
-    ax_loss.set(title=f"{name}: training loss", xlabel="optimizer step", ylabel="loss")
-    for column in ("dev_ndcg@10", "dev_kendall_tau"):
-        points = curve.dropna(subset=[column])
-        if len(points):
-            ax_dev.plot(points.step, points[column], marker="o", label=column.removeprefix("dev_"))
-    ax_dev.set(title=f"{name}: dev fidelity to the teacher", xlabel="optimizer step", ylabel="fidelity")
-    for axis in (ax_loss, ax_dev):
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if ax_dev.lines:
-        ax_dev.legend()
-    fig.tight_layout()
+    fig = curve_figure(name, curve)
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
     return csv_path, png_path
+
+
+def curve_figure(name: str, curve: pd.DataFrame) -> Figure:
+    """Two panels over the optimizer steps: the training loss, and the dev fidelity to the teacher."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_dev = fig.subplots(1, 2)
+    loss = curve.dropna(subset=["train_loss"])
+    ax_loss.plot(loss.step, loss.train_loss, marker=".")
+    ax_loss.set(title=f"{name}: training loss", xlabel="optimizer step", ylabel="training loss")
+    for column, label in DEV_CURVES.items():
+        points = curve.dropna(subset=[column])
+        if len(points):
+            ax_dev.plot(points.step, points[column], marker="o", label=label)
+    ax_dev.set(title=f"{name}: dev fidelity to the teacher", xlabel="optimizer step", ylabel=DEV_YLABEL)
+    if ax_dev.lines:
+        ax_dev.legend()
+    else:
+        ax_dev.text(0.5, 0.5, "no dev evaluation", ha="center", va="center", transform=ax_dev.transAxes)
+    # both panels span the whole run, 0 to the last step: a single dev point (or logged step) would otherwise get
+    # a view a fraction of a step wide, where even an integer locator falls back to fractional ticks
+    last = max(int(curve.step.max()) if len(curve) else 0, 1)
+    for axis in (ax_loss, ax_dev):
+        axis.set_xlim(-0.03 * last, 1.03 * last)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
 
 
 def write_student_metrics(name: str, summary: dict[str, Any], metrics_dir: Path | str) -> Path:
@@ -139,7 +154,7 @@ def provenance_section(name: str, cfg: Any, summary: dict[str, Any], teacher: di
   precision {summary.get("precision", "?")}, max_length {summary.get("max_length", "?")},
   {summary.get("seconds", "?")} s, {summary.get("pairs_per_second", "?")} pairs/s on {summary.get("device", "?")}
 
-### Dev fidelity to the teacher
+{block_markers()}### Dev fidelity to the teacher
 
 nDCG@10 with the teacher's ranking as graded labels (its top passage 10, its 10th 1), and Kendall's tau with
 the teacher's order, on the held-out dev queries, averaged over (query, list) groups.
@@ -154,15 +169,6 @@ the teacher's order, on the held-out dev queries, averaged over (query, list) gr
 {json.dumps(hyperparameters(cfg), indent=2, default=str)}
 ```
 """
-
-
-def write_card(folder: Path, section: str, header: str | None = None) -> None:
-    """Append ``section`` to the folder's README.md (the library's own card), or write ``header`` + ``section``
-    when there is none. A section from an earlier save is replaced, not repeated."""
-    path = Path(folder) / "README.md"
-    existing = path.read_text(encoding="utf-8") if path.is_file() else (header or "")
-    existing = existing.split(CARD_MARKER)[0].rstrip() + "\n\n"
-    write_text(existing + section, path)
 
 
 def write_student_info(folder: Path, info: dict[str, Any]) -> Path:

@@ -21,6 +21,7 @@ import pandas as pd
 from pipeline.config import StudentConfig
 from pipeline.students import checkpoints
 from pipeline.students.backbones import Precision
+from pipeline.students.card import prime_library_card
 from pipeline.students.fidelity import HEADLINE, student_fidelity
 from pipeline.students.groups import Group, split_counts
 from pipeline.students.outputs import curve_from_log_history
@@ -111,6 +112,7 @@ def train(
         cfg.queries_per_batch * cfg.gradient_accumulation * run.pairs_per_row,
         started,
     )
+    prime_library_card(run.model, name, cfg.init_from or cfg.backbone)  # the library's card names them itself
     run.model.save_pretrained(str(out_dir))
     summary.update(
         train_rows=len(run.train_rows),

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import schemas
-from pipeline.config import ConfigError, Paths, TeachTarget
+from pipeline.config import ConfigError, Paths, TeachTarget, teach_key
 from pipeline.io import read_table
 from pipeline.lucene import document_contents
 from pipeline.sources import in_split
@@ -46,7 +46,9 @@ def synthetic_queries(paths: Paths, name: str, split: str) -> pd.DataFrame:
     selected = queries[np.logical_or.reduce([in_split(queries["split"], part) for part in wanted])]
     if selected.empty:
         known = sorted({s for joined in queries["split"] for s in joined.split(",")})
-        raise ConfigError(f"teach.{name}.split: no synthesized queries in split {split!r} (splits here: {known})")
+        raise ConfigError(
+            f"teach.synthetic.{name}.split: no synthesized queries in split {split!r} (splits here: {known})"
+        )
     return selected.reset_index(drop=True)
 
 
@@ -89,7 +91,7 @@ def load_pool(name: str, target: TeachTarget, paths: Paths, queries: pd.DataFram
     candidates = candidates[(candidates.method == target.candidates) & within_depth]
     if candidates.empty:
         raise ConfigError(
-            f"teach.{name}.candidates: no {target.candidates!r} candidates in {candidates_path} "
+            f"{teach_key(name, target)}.candidates: no {target.candidates!r} candidates in {candidates_path} "
             f"(methods here: {methods})"
         )
     candidates = candidates[candidates.query_id.isin(set(queries.query_id))]

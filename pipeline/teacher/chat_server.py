@@ -1,10 +1,13 @@
-"""A small OpenAI-compatible chat server for tests, from the standard library only.
+"""A small OpenAI-compatible chat server, from the standard library only: the replaying teacher's server
+(``pipeline.teacher.replay``) and the tests' endpoint; and ``HangingServer``, an endpoint that accepts
+connections and never answers.
 
 It answers ``POST /v1/chat/completions`` with a valid ``chat.completion`` (with ``usage``, and
 ``choices[0].logprobs.content[i].top_logprobs`` when log-probabilities are asked for), so the real ``openai``
 client talks to it over HTTP: retries, timeouts and parsing are the client's own, not mocked.
 
-Faults are scripted: each request takes the next ``Fault`` from a queue (if any) and misbehaves accordingly.
+Faults are injected on purpose, to show what a run survives: each request takes the next ``Fault`` from a queue
+(if any), or misbehaves at random with probability ``fault_rate`` (seeded), and ``injected`` counts them by kind.
 The server counts what it served: ``total`` requests, and ``successes`` (normal replies) by a hash of the
 request body, so a test can tell how many times each distinct call was paid for.
 
@@ -96,8 +99,12 @@ class OpenAIServer:
         fault_rate: float = 0.0,
         random_faults: tuple[FaultKind, ...] = ("truncated", "garbage", "500", "empty"),
         seed: int = 0,
+        model: str = "test-model",
+        keep_requests: bool = True,
     ) -> None:
         self.responder = responder
+        self.model = model  # what GET /v1/models lists
+        self.keep_requests = keep_requests  # every request body in ``requests`` (tests read them; a long run may not)
         self.latency_s = latency_s
         # besides the scripted queue: each request misbehaves with probability fault_rate, as one of random_faults
         self.fault_rate = fault_rate
@@ -181,7 +188,7 @@ class OpenAIServer:
             "id": f"chatcmpl-{self.total}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": body.get("model", "test-model"),
+            "model": body.get("model", self.model),
             "choices": [choice],
             "usage": {
                 "prompt_tokens": prompt_tokens,
@@ -213,7 +220,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path.rstrip("/") == "/v1/models":  # what a client probes an endpoint with
-            self._send(200, json.dumps({"object": "list", "data": [{"id": "test-model", "object": "model"}]}).encode())
+            models = {"object": "list", "data": [{"id": self.owner.model, "object": "model"}]}
+            self._send(200, json.dumps(models).encode())
             return
         self._error(404, f"no route {self.path}")
 
@@ -226,8 +234,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(raw)
         with server._lock:
             server.total += 1
-            server.requests.append(body)
-            server.authorizations.append(self.headers.get("Authorization"))
+            if server.keep_requests:
+                server.requests.append(body)
+                server.authorizations.append(self.headers.get("Authorization"))
             fault = server.faults.popleft() if server.faults else None
             if fault is None and server.fault_rate and server._random.random() < server.fault_rate:
                 fault = Fault(server._random.choice(server.random_faults), content_type="application/json")
@@ -251,7 +260,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault is not None and kind == "delay":
             time.sleep(fault.delay_s)
-        content = "" if kind == "empty" else server.responder(body)
+        try:
+            content = "" if kind == "empty" else server.responder(body)
+        except ValueError as err:  # a request the responder cannot answer: the client's error, said as such
+            self._error(400, str(err))
+            return
         payload = json.dumps(server.completion(body, content)).encode()
         if kind == "truncated":
             self._send(200, payload[: len(payload) // 2])
