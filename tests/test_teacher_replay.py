@@ -176,3 +176,31 @@ def test_our_window_walk_over_replayed_gpt35_matches_the_recorded_run(tmp_path: 
     assert abs(ndcg["ours"] - ndcg["recorded"]) <= 0.01
     assert figures["paid"] == 43 * 9 and figures["unknown_passages"] == figures["unranked_passages"] == 0
     assert json.dumps(figures)  # the bench's figures are plain JSON
+
+
+@pytest.mark.slow
+def test_a_35_percent_fault_rate_finishes_in_one_dvc_repro(tmp_path: Path) -> None:
+    """The issue's setting in miniature, through DVC: listwise teaching with 35% of the replies broken needs one
+    `dvc repro`, and an unchanged re-run pays nothing."""
+    from conftest import FIXTURE, make_repo_copy, run_cli
+
+    params = tiny_params()
+    params["teacher"] = {
+        "backend": "replay",
+        "method": "listwise",
+        "replay": {"path": str(FIXTURE / "runs" / "weak.trec"), "fault_rate": 0.35, "seed": 3},
+        "listwise": {"window": 3, "step": 2},
+    }
+    params["teach"] = {"collection": {"tiny": {"split": "train", "depth": 4}}, "synthetic": {}}
+    repo = make_repo_copy(tmp_path / "repo", params)
+    first = run_cli(["dvc", "repro", "teach-collection@tiny"], repo)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads((repo / "metrics/teacher/tiny.json").read_text())
+    assert sum(summary["replay"]["faults_injected"].values()) > 0
+    assert summary["calls"]["errors"] == 0 and summary["calls"]["paid"] > 0
+    assert summary["parse"]["failed"] == 0 or summary["calls"]["unusable"] > 0  # an empty answer is never "ok"
+    again = run_cli(["dvc", "repro", "--force", "--single-item", "teach-collection@tiny"], repo)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = json.loads((repo / "metrics/teacher/tiny.json").read_text())
+    # only the answers that came back unusable are asked again (their prompts' windows may follow them)
+    assert rerun["calls"]["paid"] <= summary["calls"]["unusable"] * 2
