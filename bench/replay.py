@@ -33,7 +33,7 @@ from pipeline.teacher.cache import TeacherCache
 from pipeline.teacher.chat_server import HangingServer
 from pipeline.teacher.client import CachedTeacher, EndpointDown
 from pipeline.teacher.outcome import Pool
-from pipeline.teacher.replay import replay_endpoint, replay_server
+from pipeline.teacher.replay import replay_server
 from pipeline.teacher.templates import load_template
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,9 +80,8 @@ def teach_once(pool: Pool, teacher: TeacherConfig, cache_dir: Path) -> tuple[pd.
         replay_server(teacher.replay, template, pool) as replay,
         TeacherCache(cache_dir) as cache,
     ):
-        endpoint = replay_endpoint(replay.base_url, teacher.replay)
         client = CachedTeacher(
-            endpoint, teacher.sampling, cache, template.sha256, breaker=teacher.breaker, max_unusable_tries=3
+            replay.endpoint(), teacher.sampling, cache, template.sha256, breaker=teacher.breaker, max_unusable_tries=3
         )
         outcome = listwise.teach(pool, client, teacher)
         counters = client.counters

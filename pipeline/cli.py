@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import difflib
 import importlib
 import json
 import sys
@@ -40,7 +39,7 @@ COMMANDS = {
     "report": "the evaluation as a table: every run against BM25, the teacher, the students",
     "rerank": "rerank a first-stage TREC run of a BEIR-layout folder with a trained student",
     "explain": "rerank one query with a Reason-to-Rank student and print its reasons",
-    "export": "export a cross-encoder or bi-encoder student to ONNX",
+    "export": "export a student with its model card: ONNX graphs (cross-/bi-encoders) or a hub-ready copy",
     "cache": "the teacher's call cache: stats, purge",
 }
 
@@ -118,8 +117,9 @@ def _stage(argv: list[str]) -> int:
     if not argv or argv[0] not in STAGES:
         problem = "give a stage"
         if argv:
-            close = difflib.get_close_matches(argv[0], STAGES, n=1)
-            problem = f"unknown stage {argv[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            from pipeline.config import did_you_mean
+
+            problem = f"unknown stage {argv[0]!r}" + did_you_mean(argv[0], list(STAGES))
         print(f"{stage_help()}\n\ndistillrank stage: error: {problem}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"pipeline.stages.{argv[0]}")

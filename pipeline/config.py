@@ -546,7 +546,7 @@ def _ungroup_teach(raw: object) -> tuple[object, dict[str, str]]:
             raise ConfigError(
                 f"teach.{group}: not a query source (teach targets are grouped: teach.collection.<name> for a "
                 f"collection's own queries, teach.synthetic.<name> for synthesize.<name>'s)"
-                + _closest(str(group), list(TEACH_GROUPS))
+                + did_you_mean(str(group), list(TEACH_GROUPS))
             )
         if not isinstance(targets, dict | None):
             raise ConfigError(f"teach.{group}: expected a mapping of target names (or {{}}), got {targets!r}")
@@ -724,13 +724,13 @@ def _check_references(params: Params) -> None:
     )
     for key, name in referenced:
         if name not in params.collections:
-            hint = _closest(name, list(params.collections))
+            hint = did_you_mean(name, list(params.collections))
             raise ConfigError(f"{key}: collection {name!r} is not defined under 'collections'{hint}")
     for name, evaluation in params.evaluation.items():
         if evaluation.held_out is None:
             continue
         if evaluation.held_out not in params.teach:
-            hint = _closest(evaluation.held_out, list(params.teach))
+            hint = did_you_mean(evaluation.held_out, list(params.teach))
             raise ConfigError(f"evaluation.{name}.held_out: no teach target {evaluation.held_out!r}{hint}")
         if evaluation.held_out != name or params.teach[evaluation.held_out].queries != "collection":
             raise ConfigError(
@@ -742,7 +742,7 @@ def _check_references(params: Params) -> None:
             raise ConfigError(f"{teach_key(name, target)}: a target on synthesized queries needs synthesize.{name}")
     for name, student in params.students.items():
         if student.labels not in params.teach:
-            hint = _closest(student.labels, list(params.teach))
+            hint = did_you_mean(student.labels, list(params.teach))
             raise ConfigError(f"students.{name}.labels: no teach target {student.labels!r}{hint}")
     for name, target in params.synthesize.items():
         if target.min_words > target.max_words:
@@ -784,7 +784,12 @@ def _check_teacher(teacher: TeacherConfig, where: str = "teacher") -> None:
         raise ConfigError(f"{where}.listwise.step: must not exceed teacher.listwise.window")
 
 
-def _closest(key: str, candidates: list[str]) -> str:
+def did_you_mean(key: str, candidates: list[str]) -> str:
+    """A hint naming the candidate closest to ``key``, or nothing.
+
+    >>> did_you_mean("tech", ["teach", "train"]), did_you_mean("zzz", ["teach"])
+    (" (did you mean 'teach'?)", '')
+    """
     match = difflib.get_close_matches(key, candidates, n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
@@ -815,7 +820,7 @@ def _format_error(source: str, err: ValidationError, teach_groups: dict[str, str
         key = ".".join(str(p) for p in shown) or "<top>"
         # pydantic dataclasses report an unknown key as "unexpected_keyword_argument", models as "extra_forbidden"
         if problem["type"] in {"extra_forbidden", "unexpected_keyword_argument"}:
-            hint = _closest(str(loc[-1]), _valid_keys_at(loc[:-1]))
+            hint = did_you_mean(str(loc[-1]), _valid_keys_at(loc[:-1]))
             lines.append(f"  {key}: unknown key{hint}")
         elif problem["type"] == "missing":
             lines.append(f"  {key}: required key is missing")

@@ -26,7 +26,7 @@ import duckdb
 
 from pipeline.config import Paths
 from pipeline.schemas import TABLES, TableSpec
-from pipeline.teacher.cache import SHARD_GLOB, teacher_calls_view_sql
+from pipeline.teacher.cache import teacher_calls_view_sql
 
 
 def table_glob(spec: TableSpec, paths: Paths) -> str:
@@ -61,10 +61,7 @@ def teacher_calls_statement(cache: Path) -> str:
     """The ``teacher_calls`` view: every shard of the call cache, at any depth under ``cache`` (the teach
     targets' folders ``<name>/`` and the synthesize stage's ``_synthesize/<name>/``); an empty view when there
     are none."""
-    cache = cache.resolve()
-    folders = sorted({shard.parent for shard in cache.rglob(SHARD_GLOB)}) if cache.is_dir() else []
-    selects = [teacher_calls_view_sql(folder) for folder in folders] or [teacher_calls_view_sql(cache)]
-    return f"CREATE OR REPLACE VIEW teacher_calls AS {' UNION ALL '.join(selects)};"
+    return f"CREATE OR REPLACE VIEW teacher_calls AS {teacher_calls_view_sql(cache / '**')};"
 
 
 # The views built on the table views, each with the tables it needs. ``reasons``: one row per explained passage

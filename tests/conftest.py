@@ -183,3 +183,21 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     evaluate.run(params.evaluation, {"tiny": 1}, params.evaluate, params.paths)
     write_params(root / "params.yaml", tiny_params(root))
     return root
+
+
+@pytest.fixture
+def teach_root(tiny_pipeline: Path, tmp_path: Path) -> Path:
+    """A root whose collections/indexes/retrieval are the session's, with teacher outputs of its own."""
+    (tmp_path / "data").mkdir()
+    for name in ("collections", "indexes", "retrieval"):
+        os.symlink(tiny_pipeline / "data" / name, tmp_path / "data" / name)
+    return tmp_path
+
+
+def run_teach(params: dict) -> dict:
+    """The teach stage on target ``tiny`` of ``params`` (what `distillrank stage teach tiny` runs)."""
+    from pipeline.config import parse_params
+    from pipeline.stages import teach
+
+    parsed = parse_params(params)
+    return teach.run("tiny", parsed.teach["tiny"], parsed.teacher, parsed.paths)

@@ -4,7 +4,6 @@ test server (pipeline/teacher/chat_server.py), the rationales table and its Duck
 from __future__ import annotations
 
 import json
-import os
 import re
 from functools import partial
 from pathlib import Path
@@ -14,10 +13,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import tiny_params
+from conftest import run_teach, tiny_params
 from pipeline import duck, schemas
 from pipeline.config import Budget, EndpointConfig, SamplingConfig, parse_params
-from pipeline.stages import teach
 from pipeline.teacher.cache import TeacherCache, call_key
 from pipeline.teacher.chat_server import PASSAGE_MARK, OpenAIServer
 from pipeline.teacher.client import CachedTeacher
@@ -232,15 +230,6 @@ def json_responder(body: dict) -> str:
     return json.dumps({"ranking": ids, "passages": entries})
 
 
-@pytest.fixture
-def teach_root(tiny_pipeline: Path, tmp_path: Path) -> Path:
-    """A root whose collections/indexes/retrieval are the session's, with teacher outputs of its own."""
-    (tmp_path / "data").mkdir()
-    for name in ("collections", "indexes", "retrieval"):
-        os.symlink(tiny_pipeline / "data" / name, tmp_path / "data" / name)
-    return tmp_path
-
-
 @pytest.fixture(autouse=True)
 def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, "sk-test-rationales")
@@ -264,11 +253,6 @@ def rationale_params(root: Path, base_url: str, **rationales: object) -> dict:
     }
     params["teach"] = {"collection": {"tiny": {"split": "test", "depth": 4, "candidates": "bm25"}}, "synthetic": {}}
     return params
-
-
-def run_teach(params: dict) -> dict:
-    parsed = parse_params(params)
-    return teach.run("tiny", parsed.teach["tiny"], parsed.teacher, parsed.paths)
 
 
 def read(root: Path, table: str) -> pd.DataFrame:

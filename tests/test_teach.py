@@ -15,9 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import tiny_params, tool_env, write_params
-from pipeline.config import ConfigError, parse_params
-from pipeline.stages import teach
+from conftest import run_teach, tiny_params, tool_env, write_params
+from pipeline.config import ConfigError
 from pipeline.teacher.cache import TeacherCache
 from pipeline.teacher.chat_server import PASSAGE_MARK, OpenAIServer, default_responder
 
@@ -35,15 +34,6 @@ def reverse_responder(body: dict) -> str:
 def bee_responder(body: dict) -> str:
     """A pointwise teacher: Yes for passages about bees, No otherwise."""
     return "Yes" if "bee" in body["messages"][-1]["content"].lower() else "No"
-
-
-@pytest.fixture
-def teach_root(tiny_pipeline: Path, tmp_path: Path) -> Path:
-    """A root whose collections/indexes/retrieval are the session's, with teacher outputs of its own."""
-    for name in ("collections", "indexes", "retrieval"):
-        (tmp_path / "data").mkdir(exist_ok=True)
-        os.symlink(tiny_pipeline / "data" / name, tmp_path / "data" / name)
-    return tmp_path
 
 
 def teach_params(root: Path, base_url: str, **teacher: object) -> dict:
@@ -64,11 +54,6 @@ def teach_params(root: Path, base_url: str, **teacher: object) -> dict:
     }
     params["teach"] = {"collection": {"tiny": {"split": "test", "depth": 4, "candidates": "bm25"}}, "synthetic": {}}
     return params
-
-
-def run_teach(params: dict) -> dict:
-    parsed = parse_params(params)
-    return teach.run("tiny", parsed.teach["tiny"], parsed.teacher, parsed.paths)
 
 
 def rankings(root: Path) -> pd.DataFrame:

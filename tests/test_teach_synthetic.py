@@ -10,11 +10,10 @@ import pandas as pd
 import pytest
 from test_rationales import json_responder
 
-from conftest import tiny_params
+from conftest import run_teach, tiny_params
 from pipeline import duck, schemas
 from pipeline.config import ConfigError, parse_params
 from pipeline.io import write_table
-from pipeline.stages import teach
 from pipeline.teacher.chat_server import OpenAIServer
 
 KEY_ENV = "DISTILLRANK_TEST_SYNTHETIC_KEY"
@@ -56,11 +55,6 @@ def synthetic_params(root: Path, teacher: dict, **target: object) -> dict:
         "synthetic": {"tiny": {"split": "train", "depth": 3, "candidates": "pool", **target}},
     }
     return params
-
-
-def run_teach(params: dict) -> dict:
-    parsed = parse_params(params)
-    return teach.run("tiny", parsed.teach["tiny"], parsed.teacher, parsed.paths)
 
 
 def rankings(root: Path) -> pd.DataFrame:

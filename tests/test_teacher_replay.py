@@ -8,24 +8,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import tiny_params
+from conftest import run_teach, tiny_params
 from pipeline.config import ConfigError, parse_params
 from pipeline.metrics import evaluate_run
-from pipeline.stages import teach
 from pipeline.teacher.listwise import rankgpt_messages
 from pipeline.teacher.replay import ListwisePromptReader, RecordedRanking, ReplayError, replay_model_name
 from pipeline.teacher.templates import load_template
 
 SHARED_DL19 = Path(__file__).resolve().parents[2] / "shared" / "data" / "trec-dl-2019"
-
-
-@pytest.fixture
-def teach_root(tiny_pipeline: Path, tmp_path: Path) -> Path:
-    """A root whose collections/indexes/retrieval are the session's, with teacher outputs of its own."""
-    (tmp_path / "data").mkdir()
-    for name in ("collections", "indexes", "retrieval"):
-        (tmp_path / "data" / name).symlink_to(tiny_pipeline / "data" / name)
-    return tmp_path
 
 
 def recorded_reverse_bm25(root: Path, depth: int) -> tuple[Path, pd.DataFrame]:
@@ -52,11 +42,6 @@ def replay_params(root: Path, recorded: Path, window: int, step: int, **replay: 
     }
     params["teach"] = {"collection": {"tiny": {"split": "test", "depth": 6, "candidates": "bm25"}}, "synthetic": {}}
     return params
-
-
-def run_teach(params: dict) -> dict:
-    parsed = parse_params(params)
-    return teach.run("tiny", parsed.teach["tiny"], parsed.teacher, parsed.paths)
 
 
 def labels(root: Path) -> pd.DataFrame:

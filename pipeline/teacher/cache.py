@@ -397,8 +397,8 @@ def _sql_string(value: str) -> str:
 
 
 def teacher_calls_view_sql(folder: Path | str) -> str:
-    """A ``SELECT`` over every shard in ``folder`` (or in every folder a pattern like ``cache/*`` matches): one
-    row per stored record (ok and error alike), plus the ``shard`` it came from.
+    """A ``SELECT`` over every shard in ``folder`` (or in every folder a pattern matches: ``cache/*``, or
+    ``cache/**`` for every depth): one row per stored record (ok and error alike), plus the ``shard`` it came from.
     Wrap it as ``CREATE VIEW teacher_calls AS <this>``.
 
     ``ignore_errors`` turns a torn line into a row of NULLs, which ``key IS NOT NULL`` drops. DuckDB's
@@ -408,7 +408,8 @@ def teacher_calls_view_sql(folder: Path | str) -> str:
     columns = ", ".join(f"{name}: {_sql_string(kind)}" for name, kind in TEACHER_CALLS_COLUMNS.items())
     names = ", ".join(TEACHER_CALLS_COLUMNS)
     pattern = str(Path(folder).resolve() / SHARD_GLOB)
-    if not glob.glob(pattern):  # glob.glob, not Path.glob: ``folder`` may itself be a pattern (``cache/*``)
+    # glob.glob, not Path.glob: ``folder`` may itself be a pattern; ``**`` is recursive in glob and DuckDB alike
+    if not glob.glob(pattern, recursive=True):
         nulls = ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in TEACHER_CALLS_COLUMNS.items())
         return f"SELECT {nulls}, CAST(NULL AS VARCHAR) AS shard WHERE false"
     return (

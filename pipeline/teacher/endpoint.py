@@ -29,7 +29,7 @@ def teacher_endpoint(
         yield teacher.endpoint
         return
     if teacher.backend == "replay":
-        from pipeline.teacher.replay import replay_endpoint, replay_server
+        from pipeline.teacher.replay import replay_server
         from pipeline.teacher.templates import load_template
 
         if pool is None or teacher.method != "listwise":
@@ -39,7 +39,7 @@ def teacher_endpoint(
             )
         with replay_server(teacher.replay, load_template(teacher.listwise.template), pool) as replay:
             try:
-                yield replay_endpoint(replay.base_url, teacher.replay)
+                yield replay.endpoint()
             finally:
                 if report is not None:
                     report["replay"] = replay.summary()

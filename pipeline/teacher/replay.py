@@ -16,6 +16,7 @@ window's order.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import string
@@ -35,6 +36,8 @@ from pipeline.teacher.templates import PromptTemplate
 
 log = logging.getLogger(__name__)
 
+# the rank of a candidate the recording did not rank: after every ranked one
+UNRANKED = 1 << 30
 # what each placeholder of a listwise template can render to
 _PLACEHOLDER_PATTERNS = {"num": r"\d+", "i": r"\d+", "query": r".*?", "passage": r".*?"}
 
@@ -132,7 +135,7 @@ class ReplayStats:
     unreadable: int = 0  # requests that were not a listwise prompt of the template
 
     def as_dict(self) -> dict[str, int]:
-        return dict(vars(self))
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -182,7 +185,7 @@ class RecordedRanking:
         matches = [
             doc_id for text, doc_id in self.passages.get(query_id, []) if text == shown or text.startswith(shown + " ")
         ]
-        return min(matches, key=lambda d: ranks.get(d, 1 << 30)) if matches else None
+        return min(matches, key=lambda d: ranks.get(d, UNRANKED)) if matches else None
 
     def permutation(self, query: str, passages: Sequence[str]) -> list[int]:
         """The 1-based prompt positions, best first, as the recording orders them; what it did not rank follows in
@@ -205,8 +208,7 @@ class RecordedRanking:
         with self._lock:
             self.stats.unknown_passages += unknown
             self.stats.unranked_passages += unranked
-        never = 1 << 30
-        return sorted(identity, key=lambda i: (ranks.get(doc_ids[i - 1] or "", never), i))
+        return sorted(identity, key=lambda i: (ranks.get(doc_ids[i - 1] or "", UNRANKED), i))
 
     def responder(self, template: PromptTemplate) -> Any:
         """The chat server's responder: a listwise chat body → RankGPT's answer (``[2] > [1] > ...``)."""
@@ -224,12 +226,17 @@ class RecordedRanking:
         return answer
 
 
+def _recording_path(cfg: ReplayConfig) -> Path:
+    if cfg.path is None:  # params.yaml is checked for it; a ReplayConfig built in code may lack it
+        raise ReplayError("teacher.replay.path: backend 'replay' needs the recorded ranking file")
+    return Path(cfg.path)
+
+
 def replay_model_name(cfg: ReplayConfig) -> str:
     """The name the replayed teacher's calls are cached and labelled under: the file and its content's hash, so a
     changed recording is never served from answers replayed from the old one (nor mixed with a live model's)."""
-    if cfg.path is None:
-        raise ReplayError("teacher.replay.path: backend 'replay' needs the recorded ranking file")
-    return cfg.model_name or f"replay:{Path(cfg.path).name}@{file_hash(Path(cfg.path))[:12]}"
+    path = _recording_path(cfg)
+    return cfg.model_name or f"replay:{path.name}@{file_hash(path)[:12]}"
 
 
 @dataclass(frozen=True)
@@ -239,6 +246,10 @@ class ReplayRun:
     base_url: str
     recording: RecordedRanking
     server: OpenAIServer
+
+    def endpoint(self) -> EndpointConfig:
+        """Where to call it, under the recording's model name (no key; its threads answer concurrently)."""
+        return EndpointConfig(base_url=self.base_url, model=self.server.model, api_key_env=None)
 
     def summary(self) -> dict[str, Any]:
         """The figures a run reports: requests, windows answered, what the recording lacked, faults by kind."""
@@ -252,9 +263,7 @@ class ReplayRun:
 @contextlib.contextmanager
 def replay_server(cfg: ReplayConfig, template: PromptTemplate, pool: Pool) -> Iterator[ReplayRun]:
     """Serve ``cfg.path``'s rankings of ``pool``'s candidates on 127.0.0.1 for as long as the context lasts."""
-    if cfg.path is None:
-        raise ReplayError("teacher.replay.path: backend 'replay' needs the recorded ranking file")
-    rankings, _, _ = import_rankings(cfg.path, cfg.format)
+    rankings, _, _ = import_rankings(_recording_path(cfg), cfg.format)
     recording = RecordedRanking.over(pool, rankings)
     server = OpenAIServer(
         recording.responder(template),
@@ -281,8 +290,3 @@ def replay_server(cfg: ReplayConfig, template: PromptTemplate, pool: Pool) -> It
             stats.unranked_passages,
             stats.unreadable,
         )
-
-
-def replay_endpoint(base_url: str, cfg: ReplayConfig) -> EndpointConfig:
-    """The endpoint config of a running replay server (no key; its threads answer concurrently)."""
-    return EndpointConfig(base_url=base_url, model=replay_model_name(cfg), api_key_env=None, max_retries=5)
