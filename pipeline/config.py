@@ -640,6 +640,9 @@ class StudentConfig:
     # the dev queries, so a held-out figure on those same queries is then slightly optimistic
     keep_best: bool = True
     seed: int = 0
+    # torch's CPU threads while training: the weights depend on the count (LayerNorm's backward sums its weight
+    # gradients in one chunk per thread), so a fixed count trains the same student on any CPU; None: one per core
+    threads: int | None = Field(default=2, ge=1)
     init_from: str | None = None
     bi_encoder: BiEncoderConfig = Field(default_factory=BiEncoderConfig)
     r2r: R2RConfig = Field(default_factory=R2RConfig)

@@ -30,6 +30,7 @@ MODULES = (
     "pipeline.students.losses",
     "pipeline.students.backbones",
     "pipeline.students.groups",
+    "pipeline.students.checkpoints",
     "pipeline.students.fidelity",
     "pipeline.students.outputs",
     "pipeline.students.cross_encoder",

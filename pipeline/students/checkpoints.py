@@ -15,13 +15,14 @@ finished, a ``finished`` marker. Then:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,32 @@ def trainer_arguments(
     }
 
 
+@contextlib.contextmanager
+def training_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to ``threads`` (``students.<name>.threads``) for the block, restored after;
+    None leaves it alone. Training is bit-reproducible for a given count, but not across counts: LayerNorm's
+    backward sums its weight gradients in one chunk per thread (the forward, hence scoring, does not depend on it).
+
+    >>> import torch
+    >>> before = torch.get_num_threads()
+    >>> with training_threads(1):
+    ...     torch.get_num_threads()
+    1
+    >>> torch.get_num_threads() == before
+    True
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None and threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def run_training(
     trainer: Any,
     cfg: StudentConfig,
@@ -180,7 +207,8 @@ def run_training(
     pairs_per_second (over this call's steps, ``pairs_per_step`` (query, passage) pairs each), seconds since
     ``started``."""
     first_step = resumed_step(resume)
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    with training_threads(cfg.threads):
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     state = trainer.state
     mark_finished(checkpoint_dir, int(state.global_step))
     dev = student_fidelity(student(), dev_groups) if dev_groups else {}
