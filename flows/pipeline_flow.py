@@ -446,16 +446,30 @@ def distillrank_pipeline(
     one at a time, in order: ``dvc repro`` holds the repository's lock. (``opaque``: a task's upstreams are the
     tasks that returned those results, not whichever earlier task returned a string inside them.)
 
+    With ``orchestration.train_pool`` set in ``params_file``, each ``train@<student>`` stage runs instead as a flow
+    run of the training deployment on that work pool (flows/train_job.py), which this flow waits for; its
+    downstream stages wait for it as for any stage.
+
     Returns ``{"stages_run": [...], "stages_skipped": [...], "stages_restored": [...], "metrics": {...}}``;
     a failed stage fails the flow with an error that names it.
     """
+    # flows.train_job imports this module: imported here, not at the top
+    from flows.train_job import dispatch_train, pooled_stages
+    from pipeline.config import load_params
+
     repo = str(Path(repo_dir).resolve())
+    orchestration = load_params(Path(repo) / params_file).orchestration
     run_stage = repro_stage.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+    run_on_pool = dispatch_train.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
     graph = read_stage_graph(repo)
+    on_pool = set(pooled_stages(graph.order, orchestration.train_pool))
     done: dict[str, StageResult] = {}
     for stage in graph.order:
         upstream = [opaque(done[up]) for up in graph.upstreams[stage]] or [opaque(graph)]
-        done[stage] = run_stage(repo, stage, force, wait_for=upstream)
+        if stage in on_pool:
+            done[stage] = run_on_pool(repo, stage, orchestration, force, wait_for=upstream)
+        else:
+            done[stage] = run_stage(repo, stage, force, wait_for=upstream)
     sinks = [opaque(done[stage]) for stage in graph.sinks] or [opaque(graph)]
     metrics = publish_metrics(repo, params_file, wait_for=sinks)
     results = list(done.values())

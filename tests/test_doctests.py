@@ -18,6 +18,7 @@ MODULES = (
     "pipeline.teacher.imported",
     "pipeline.teacher.outcome",
     "pipeline.teacher.windows",
+    "pipeline.teacher.fanout",
     "pipeline.teacher.candidates",
     "pipeline.teacher.quality",
     "pipeline.teacher.replay",
@@ -44,7 +45,9 @@ MODULES = (
     "pipeline.students.explain",
     "pipeline.stages.evaluate",
     "pipeline.stages.build",
+    "pipeline.stages.rerank",
     "pipeline.stages.synthesize",
+    "flows.train_job",
 )
 
 

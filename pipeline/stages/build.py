@@ -17,11 +17,13 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from pipeline import schemas
 from pipeline.config import BuildConfig, ConfigError, Params, Paths, TeachTarget, teach_key
-from pipeline.io import read_table, write_table
+from pipeline.io import ParquetChunkWriter, read_table
 from pipeline.lucene import document_contents
+from pipeline.stages.common import read_passages
 from pipeline.teacher.imported import list_name
 
 
@@ -76,21 +78,38 @@ def build_examples(
     """The training examples (TRAINING_EXAMPLES columns) and the number of ranked documents dropped because the
     corpus or the queries lack them. ``keep_dev_split``: queries whose split is "dev" form the dev split;
     ``dev_queries``: exactly these queries are dev (k-fold benches), whatever else is set."""
-    texts = queries.drop_duplicates("query_id").set_index("query_id")
     corpus = corpus[corpus.doc_id.isin(set(rankings.doc_id))]
-    passages = pd.Series(
-        [document_contents(t, x) for t, x in zip(corpus.title, corpus.text, strict=True)], index=corpus.doc_id
-    )
+    passages = dict(zip(corpus.doc_id, map(document_contents, corpus.title, corpus.text), strict=True))
+    return examples_with_passages(name, rankings, queries, passages, cfg, keep_dev_split, dev_queries)
+
+
+def dev_split(queries: pd.DataFrame, known_query_ids: list[str], cfg: BuildConfig, keep_dev_split: bool) -> set[str]:
+    """The dev queries: the queries' own ``dev`` split when ``keep_dev_split`` and there is one, else a seeded
+    ``cfg.dev_fraction`` of ``known_query_ids`` (the queries with at least one example)."""
+    if keep_dev_split and (queries["split"] == "dev").any():
+        return set(queries.query_id[queries["split"] == "dev"])
+    return held_out(known_query_ids, cfg.dev_fraction, cfg.seed)
+
+
+def examples_with_passages(
+    name: str,
+    rankings: pd.DataFrame,
+    queries: pd.DataFrame,
+    passages: dict[str, str],
+    cfg: BuildConfig,
+    keep_dev_split: bool,
+    dev_queries: set[str] | None = None,
+) -> tuple[pd.DataFrame, int]:
+    """``build_examples`` with the ranked documents' passages given (doc_id → text) instead of the corpus."""
+    texts = queries.drop_duplicates("query_id").set_index("query_id")
     frame = rankings.assign(query=rankings.query_id.map(texts["text"]), passage=rankings.doc_id.map(passages))
     known = frame["query"].notna() & frame.passage.notna()
     dropped = int((~known).sum())
     frame = frame[known]
     if dev_queries is not None:
         dev = set(dev_queries)
-    elif keep_dev_split and (texts["split"] == "dev").any():
-        dev = set(texts.index[texts["split"] == "dev"])
     else:
-        dev = held_out(frame.query_id.unique().tolist(), cfg.dev_fraction, cfg.seed)
+        dev = dev_split(texts.reset_index(), frame.query_id.unique().tolist(), cfg, keep_dev_split)
     stages = frame["first_stage"] if "first_stage" in frame else pd.Series(None, index=frame.index, dtype=object)
     lists = [list_name(m, f if isinstance(f, str) and f else None) for m, f in zip(frame.model, stages, strict=True)]
     frame = (
@@ -106,7 +125,10 @@ def build_examples(
     return frame.reset_index(drop=True), dropped
 
 
-def run(name: str, target: TeachTarget, cfg: BuildConfig, paths: Paths) -> dict:
+def run(name: str, target: TeachTarget, cfg: BuildConfig, paths: Paths, chunk_queries: int = 1000) -> dict:
+    """Build the examples of teach target ``name``, ``chunk_queries`` queries at a time (in query_id order, the
+    order of the table), each chunk's passages read from the corpus with a filter (the corpus is never held): the
+    table ``build_examples`` gives for every query at once."""
     rankings_path = paths.teacher_dir(name) / schemas.TABLES["teacher_rankings"].filename
     if not rankings_path.is_file():
         raise NoTeacherLabels(f"{rankings_path}: no teacher rankings (run `distillrank stage teach {name}` first)")
@@ -114,26 +136,54 @@ def run(name: str, target: TeachTarget, cfg: BuildConfig, paths: Paths) -> dict:
     if rankings.empty:
         raise NoTeacherLabels(f"{rankings_path}: the teacher ranked nothing (re-run teach; check its budget)")
     queries = read_query_texts(name, target, paths)
-    corpus = read_table(paths.collection_dir(name) / schemas.TABLES["corpus"].filename)
-    examples, dropped = build_examples(
-        name, rankings, queries, corpus, cfg, keep_dev_split=target.queries == "synthetic"
+    corpus = paths.collection_dir(name) / schemas.TABLES["corpus"].filename
+    keep_dev_split = target.queries == "synthetic"
+    # the dev split is drawn over every query with an example, before any chunk is built: the known documents'
+    # ids only (one column, filtered) tell which those are
+    known_docs = set(
+        pq.read_table(corpus, columns=["doc_id"], filters=[("doc_id", "in", sorted(set(rankings.doc_id)))])
+        .column("doc_id")
+        .to_pylist()
     )
-    if examples.empty:
-        raise ConfigError(
-            f"{teach_key(name, target)}: none of the teacher's ranked documents/queries are in the collection"
-        )
+    known = rankings.query_id.isin(set(queries.query_id)) & rankings.doc_id.isin(known_docs)
+    dev = dev_split(
+        queries.drop_duplicates("query_id"), rankings.query_id[known].unique().tolist(), cfg, keep_dev_split
+    )
     spec = schemas.TABLES["training_examples"]
     out = paths.training_dir(name) / spec.filename
-    write_table(examples, spec.schema, out)
-    by_split = examples.groupby("split")
+    by_query = rankings.groupby("query_id", sort=False).indices
+    query_ids = sorted(by_query)
+    queries_by_split: dict[str, int] = {}
+    groups_by_split: dict[str, int] = {}
+    pairs_by_split: dict[str, int] = {}
+    lists: set[str] = set()
+    dropped = 0
+    with ParquetChunkWriter(out, spec.schema) as writer:
+        for start in range(0, len(query_ids), chunk_queries):
+            chunk = rankings.iloc[
+                np.sort(np.concatenate([by_query[q] for q in query_ids[start : start + chunk_queries]]))
+            ]
+            passages = read_passages(corpus, set(chunk.doc_id) & known_docs)
+            examples, chunk_dropped = examples_with_passages(name, chunk, queries, passages, cfg, keep_dev_split, dev)
+            dropped += chunk_dropped
+            writer.write(examples)
+            lists.update(examples.list.unique())
+            for split, group in examples.groupby("split"):
+                queries_by_split[split] = queries_by_split.get(split, 0) + int(group.query_id.nunique())
+                groups_by_split[split] = groups_by_split.get(split, 0) + len(group.groupby(["query_id", "list"]))
+                pairs_by_split[split] = pairs_by_split.get(split, 0) + len(group)
+        if writer.rows == 0:
+            raise ConfigError(
+                f"{teach_key(name, target)}: none of the teacher's ranked documents/queries are in the collection"
+            )
     return {
         "target": name,
         "queries_from": target.queries,
-        "queries": {split: int(g.query_id.nunique()) for split, g in by_split},
-        "groups": {split: len(g.groupby(["query_id", "list"])) for split, g in by_split},
-        "lists": sorted(examples.list.unique()),
-        "pairs": {split: len(g) for split, g in by_split},
-        "mean_group_size": round(len(examples) / len(examples.groupby(["query_id", "list"])), 2),
+        "queries": dict(sorted(queries_by_split.items())),
+        "groups": dict(sorted(groups_by_split.items())),
+        "lists": sorted(lists),
+        "pairs": dict(sorted(pairs_by_split.items())),
+        "mean_group_size": round(writer.rows / sum(groups_by_split.values()), 2),
         "dropped_pairs": dropped,
         "teacher": sorted(
             f"{m}/{t}" for m, t in rankings[["model", "method"]].drop_duplicates().itertuples(index=False)
@@ -148,7 +198,7 @@ def _body(params: Params, name: str | None) -> dict:
         raise ConfigError(
             f"{name}: not a teach target in params.yaml (teach.collection / teach.synthetic: {sorted(params.teach)})"
         )
-    return run(name, params.teach[name], params.build, params.paths)
+    return run(name, params.teach[name], params.build, params.paths, params.scale.chunk_queries)
 
 
 def main(argv: list[str] | None = None) -> int:

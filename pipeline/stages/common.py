@@ -6,14 +6,16 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from pipeline import schemas
 from pipeline.config import DEFAULT_PARAMS_FILE, ConfigError, EvaluationCollection, Params, Paths, load_params
 from pipeline.io import RunFormatError, read_table
+from pipeline.lucene import document_contents
 from pipeline.sources import CollectionError, in_split
 from pipeline.students.base import StudentLoadError
 
@@ -95,3 +97,22 @@ def evaluation_queries(paths: Paths, name: str, cfg: EvaluationCollection) -> pd
     if cfg.max_queries is not None and cfg.max_queries < len(queries):
         queries = queries.sample(n=cfg.max_queries, random_state=cfg.seed).sort_values("query_id")
     return queries.reset_index(drop=True)
+
+
+def read_passages(corpus_path: Path, doc_ids: Collection[str]) -> dict[str, str]:
+    """The passage text (title and text joined, as BM25 indexes them) of each of ``doc_ids`` found in the corpus
+    table at ``corpus_path``, read with a filter: only those rows are ever held, not the corpus."""
+    if not corpus_path.is_file():
+        raise FileNotFoundError(f"{corpus_path}: table not found (has the stage that writes it run?)")
+    if not doc_ids:
+        return {}
+    table = pq.read_table(corpus_path, columns=["doc_id", "title", "text"], filters=[("doc_id", "in", list(doc_ids))])
+    return {
+        d: document_contents(t, x)
+        for d, t, x in zip(
+            table.column("doc_id").to_pylist(),
+            table.column("title").to_pylist(),
+            table.column("text").to_pylist(),
+            strict=True,
+        )
+    }

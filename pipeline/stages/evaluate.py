@@ -19,10 +19,13 @@ import logging
 import math
 import sys
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import duckdb
 import pandas as pd
+import pyarrow.parquet as pq
 from scipy import stats
 
 from pipeline import headline as headline_metrics
@@ -45,17 +48,63 @@ DELTAS_CSV = "per_query_deltas.csv"
 DELTAS_PNG_FOLDER = "deltas"
 
 
-def collection_runs(paths: Paths, name: str, include_shipped: bool) -> dict[str, pd.DataFrame]:
-    """Every run to evaluate on collection ``name``: run name → (query_id, doc_id, rank, score)."""
-    candidates = read_table(paths.retrieval_dir(name) / schemas.TABLES["candidates"].filename)
-    runs = {method: frame for method, frame in candidates.groupby("method", sort=True)}
+RUN_COLUMNS = ["query_id", "doc_id", "rank", "score"]
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """A run that stays in its Parquet table until asked for: the rows whose ``filters`` columns have those
+    values, read one chunk of queries at a time (pyarrow skips the row groups whose statistics rule them out)."""
+
+    path: Path
+    filters: tuple[tuple[str, str], ...]
+
+    def rows(self, query_ids: list[str]) -> pd.DataFrame:
+        filters = [(column, "=", value) for column, value in self.filters] + [("query_id", "in", query_ids)]
+        return pq.read_table(self.path, columns=RUN_COLUMNS, filters=filters).to_pandas()
+
+
+@dataclass(frozen=True)
+class FrameRun:
+    """A run held in memory (the teacher's: only the queries it labelled)."""
+
+    frame: pd.DataFrame
+
+    def rows(self, query_ids: list[str]) -> pd.DataFrame:
+        return self.frame[self.frame.query_id.isin(query_ids)]
+
+
+Run = StoredRun | FrameRun
+
+
+def distinct_values(path: Path, column: str, where: tuple[str, str] | None = None) -> list[str]:
+    """The sorted distinct values of ``column`` in the Parquet file ``path`` (DuckDB: the column is never held)."""
+    sql = f'SELECT DISTINCT "{column}" FROM read_parquet(?)'
+    args: list[str] = [str(path)]
+    if where is not None:
+        sql += f' WHERE "{where[0]}" = ?'
+        args.append(where[1])
+    with duckdb.connect() as con:
+        return sorted(str(row[0]) for row in con.execute(sql, args).fetchall())
+
+
+def collection_runs(paths: Paths, name: str, include_shipped: bool) -> dict[str, Run]:
+    """Every run to evaluate on collection ``name``: run name → its rows (query_id, doc_id, rank, score)."""
+    path = paths.retrieval_dir(name) / schemas.TABLES["candidates"].filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: table not found (has the stage that writes it run?)")
+    runs: dict[str, Run] = {m: StoredRun(path, (("method", m),)) for m in distinct_values(path, "method")}
     if include_shipped:
-        shipped = read_table(paths.collection_dir(name) / schemas.TABLES["shipped_runs"].filename)
-        runs.update({f"{SHIPPED_PREFIX}{run}": frame for run, frame in shipped.groupby("run", sort=True)})
+        shipped = paths.collection_dir(name) / schemas.TABLES["shipped_runs"].filename
+        if not shipped.is_file():
+            raise FileNotFoundError(f"{shipped}: table not found (has the stage that writes it run?)")
+        runs.update(
+            {f"{SHIPPED_PREFIX}{r}": StoredRun(shipped, (("run", r),)) for r in distinct_values(shipped, "run")}
+        )
     return runs
 
 
-def student_runs(paths: Paths, name: str, students: Collection[str] | None = None) -> dict[str, pd.DataFrame]:
+def student_runs(paths: Paths, name: str, students: Collection[str] | None = None) -> dict[str, Run]:
     """Every student's reranked run of collection ``name`` under ``paths.reranked``: student name → run; only
     the students named in ``students`` when given (a folder left by a student since removed from params is
     not one of today's runs).
@@ -63,16 +112,35 @@ def student_runs(paths: Paths, name: str, students: Collection[str] | None = Non
     No ``paths.reranked`` folder, or no student that reranked ``name``: an empty mapping.
     """
     spec = schemas.TABLES["reranked"]
-    runs: dict[str, pd.DataFrame] = {}
+    runs: dict[str, Run] = {}
     for path in sorted(Path(paths.reranked).glob(f"*/{spec.filename}")):
         if students is not None and path.parent.name not in students:
             continue
-        table = read_table(path)
-        for student, frame in table[table.collection == name].groupby("student", sort=True):
+        for student in distinct_values(path, "student", where=("collection", name)):
             if student in runs:
                 raise ConfigError(f"{path}: student {student!r} also has a reranked run in another folder")
-            runs[student] = frame[["query_id", "doc_id", "rank", "score"]].reset_index(drop=True)
+            runs[student] = StoredRun(path, (("collection", name), ("student", student)))
     return runs
+
+
+def evaluate_in_chunks(
+    qrels: pd.DataFrame, run: Run, measures: Sequence[str], min_relevance: int, chunk_queries: int
+) -> tuple[dict[str, float], pd.DataFrame]:
+    """``evaluate_run`` of ``run`` on ``qrels``, ``chunk_queries`` judged queries at a time (each query is measured
+    alone, so the per-query values are the same): (mean per measure, per-query values in ``evaluate_run``'s
+    order: judged queries sorted, then measures)."""
+    judged = sorted(set(qrels.query_id.astype(str)))
+    parts = []
+    for start in range(0, len(judged), chunk_queries):
+        ids = judged[start : start + chunk_queries]
+        parts.append(evaluate_run(qrels[qrels.query_id.isin(ids)], run.rows(ids), tuple(measures), min_relevance))
+    per_query = (
+        pd.concat([part.per_query for part in parts], ignore_index=True)
+        if parts
+        else pd.DataFrame({"query_id": [], "measure": [], "value": []})
+    )
+    means = {name: float(per_query.loc[per_query.measure == name, "value"].mean()) for name in measures}
+    return means, per_query
 
 
 def teacher_runs(paths: Paths, name: str, split_ids: set[str]) -> dict[str, pd.DataFrame]:
@@ -84,8 +152,7 @@ def teacher_runs(paths: Paths, name: str, split_ids: set[str]) -> dict[str, pd.D
     path = paths.teacher_dir(name) / schemas.TABLES["teacher_rankings"].filename
     if not path.is_file():
         return {}
-    table = read_table(path)
-    table = table[table.query_id.isin(split_ids)]
+    table = pq.read_table(path, filters=[("query_id", "in", sorted(split_ids))]).to_pandas()
     runs = {}
     for (model, first_stage), frame in table.groupby(["model", table.first_stage.fillna("")], sort=True):
         runs[f"{TEACHER_RUN}:{list_name(model, first_stage or None)}"] = pd.DataFrame(
@@ -104,8 +171,8 @@ def held_out_queries(paths: Paths, target: str) -> set[str]:
     path = paths.training_dir(target) / schemas.TABLES["training_examples"].filename
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no training examples for held_out target {target!r} (run `build` first)")
-    examples = read_table(path)
-    return set(examples.query_id[examples["split"] == "dev"])
+    examples = pq.read_table(path, columns=["query_id"], filters=[("split", "=", "dev")]).to_pandas()
+    return set(examples.query_id)
 
 
 def aggregate(per_query: pd.DataFrame, query_ids: set[str]) -> dict[str, dict[str, float]]:
@@ -258,8 +325,10 @@ def run(
     cfg: EvaluateConfig,
     paths: Paths,
     students: Collection[str] | None = None,
+    chunk_queries: int = 1000,
 ) -> dict:
-    """Measure every run; ``students``: the student names of params (None: every reranked folder found)."""
+    """Measure every run, ``chunk_queries`` judged queries at a time (no run is read whole); ``students``: the
+    student names of params (None: every reranked folder found)."""
     metrics: dict[str, dict] = {}
     per_query_frames = []
     for name, evaluation_cfg in evaluation.items():
@@ -280,14 +349,15 @@ def run(
         judged_by = {run_name: qrels for run_name in runs}
         teachers = teacher_runs(paths, name, split_ids)
         for run_name, frame in teachers.items():
-            runs[run_name] = frame
+            runs[run_name] = FrameRun(frame)
             judged_by[run_name] = qrels[qrels.query_id.isin(set(frame.query_id))]
         results = {}
-        for run_name, frame in runs.items():
-            frame = frame[frame.query_id.isin(split_ids)]
-            evaluated = evaluate_run(judged_by[run_name], frame, cfg.measures, min_relevance[name])
-            results[run_name] = {k: round(v, 4) for k, v in evaluated.aggregate.items()}
-            per_query_frames.append(evaluated.per_query.assign(collection=name, run=run_name))
+        for run_name, stored in runs.items():
+            means, values = evaluate_in_chunks(
+                judged_by[run_name], stored, cfg.measures, min_relevance[name], chunk_queries
+            )
+            results[run_name] = {k: round(v, 4) for k, v in means.items()}
+            per_query_frames.append(values.assign(collection=name, run=run_name))
         metrics[name] = {"queries": int(qrels.query_id.nunique()), "runs": results}
         if teachers:
             metrics[name]["teacher_queries"] = {
@@ -344,7 +414,14 @@ def write_headline(metrics: dict, measures: Sequence[str], folder: Path) -> Path
 
 def _body(params: Params, name: str | None) -> dict:
     min_relevance = {n: params.collection(n).min_relevance for n in params.evaluation}
-    return run(params.evaluation, min_relevance, params.evaluate, params.paths, students=list(params.students))
+    return run(
+        params.evaluation,
+        min_relevance,
+        params.evaluate,
+        params.paths,
+        students=list(params.students),
+        chunk_queries=params.scale.chunk_queries,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

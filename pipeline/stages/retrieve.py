@@ -11,43 +11,59 @@ Methods: ``pipeline.retrievers`` (bm25, bm25-rm3, dense, splade, bm25+rerank, rr
 
 from __future__ import annotations
 
+import contextlib
 import sys
-
-import pandas as pd
+import tempfile
+from pathlib import Path
 
 from pipeline import schemas
 from pipeline.config import Params, Paths, RetrieveConfig
-from pipeline.io import read_table, write_table, write_trec_run
-from pipeline.retrievers import retrieve
+from pipeline.io import ParquetChunkWriter, copy_parquet, read_table, write_trec_run_from_parquet
+from pipeline.lucene import set_jvm_max_heap
+from pipeline.retrievers import QUERY_ID_ORDER, retrieve_chunks
 
 RUNS_FOLDER = "runs"
 
 
-def run(name: str, cfg: RetrieveConfig, paths: Paths) -> dict:
+def run(name: str, cfg: RetrieveConfig, paths: Paths, chunk_queries: int = 1000) -> dict:
+    """Retrieve every query of ``name``, ``chunk_queries`` at a time.
+
+    Each method's rows go to a spill file of their own as the chunks come (in the system's temporary folder),
+    which are then copied one after the other into the candidates table (the ``QUERY_ID_ORDER`` methods' sorted
+    by DuckDB, out of core), so that the table is the one retrieving every query at once gives, whatever the
+    chunk size; each TREC run is sorted out of core from its spill file.
+    """
     queries = read_table(paths.collection_dir(name) / schemas.TABLES["queries"].filename)
     out = paths.retrieval_dir(name)
-    methods = cfg.methods_for(name)
-    runs, timings = retrieve(name, methods, queries, cfg.depth, cfg, paths)
-    frames = []
-    for method, run_frame in runs.items():
-        write_trec_run(run_frame, out / RUNS_FOLDER / f"{method}.trec", tag=method)
-        frames.append(run_frame.assign(method=method, collection=name))
-    candidates = pd.concat(frames, ignore_index=True)
+    methods = list(dict.fromkeys(cfg.methods_for(name)))
     spec = schemas.TABLES["candidates"]
-    write_table(candidates, spec.schema, out / spec.filename)
+    seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix=f"distillrank-retrieve-{name}-") as spill_dir:
+        spills = {method: Path(spill_dir) / f"{index}.parquet" for index, method in enumerate(methods)}
+        with contextlib.ExitStack() as stack:
+            writers = {m: stack.enter_context(ParquetChunkWriter(path, spec.schema)) for m, path in spills.items()}
+            for _, runs in retrieve_chunks(name, methods, queries, cfg.depth, cfg, paths, chunk_queries, seconds):
+                for method, run_frame in runs.items():
+                    writers[method].write(run_frame.assign(method=method, collection=name))
+        for method, path in spills.items():
+            write_trec_run_from_parquet(path, out / RUNS_FOLDER / f"{method}.trec", tag=method)
+        with ParquetChunkWriter(out / spec.filename, spec.schema) as candidates:
+            sort = [spills[m] for m in methods if m in QUERY_ID_ORDER]
+            copy_parquet(list(spills.values()), candidates, sort_by_query=sort)
     return {
         "collection": name,
         "queries": queries["split"].value_counts().sort_index().to_dict(),
-        "candidates": len(candidates),
-        "methods": list(methods),
-        "seconds": {method: timings[method] for method in runs},
+        "candidates": candidates.rows,
+        "methods": methods,
+        "seconds": {method: seconds[method] for method in methods},
     }
 
 
 def _body(params: Params, name: str | None) -> dict:
     assert name is not None
     params.collection(name)
-    return run(name, params.retrieve, params.paths)
+    set_jvm_max_heap(params.scale.jvm_max_heap)
+    return run(name, params.retrieve, params.paths, params.scale.chunk_queries)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,9 @@ The queries are the collection's own (``teach.<name>.queries: collection``) or t
 (``synthetic``); ``pipeline.teacher.candidates`` says which candidates go with them. Every LLM call goes
 through the durable call cache (``paths.teacher_cache``): a re-run pays for nothing twice, a killed run loses at
 most the calls in flight, and a budget stops the stage cleanly with everything done so far kept.
+
+``teacher.fan_out`` splits the queries into shards run as Prefect tasks, on threads, a local Dask cluster or a
+remote one (``pipeline/teacher/fanout.py``); the shards' outcomes merge into the tables one shard writes.
 """
 
 from __future__ import annotations
@@ -25,19 +28,16 @@ from pipeline import schemas
 from pipeline.config import ConfigError, Params, Paths, TeacherConfig, TeachTarget, teach_key, teacher_for
 from pipeline.io import write_json, write_table
 from pipeline.stages.common import split_queries
-from pipeline.teacher import imported, listwise, pointwise, rationales
-from pipeline.teacher.cache import TeacherCache
-from pipeline.teacher.candidates import load_pool, synthetic_queries
-from pipeline.teacher.client import CachedTeacher
+from pipeline.teacher import imported
+from pipeline.teacher.candidates import corpus_path, load_pool, synthetic_queries
 from pipeline.teacher.embedded import SERVER_LOG_NAME
 from pipeline.teacher.endpoint import teacher_endpoint
+from pipeline.teacher.fanout import merge_results, run_shards, shard_jobs, without_passages
 from pipeline.teacher.outcome import calls_summary
 from pipeline.teacher.quality import source_doc_quality, teacher_quality
 from pipeline.teacher.templates import load_template
 
 TEACHER_METRICS_FOLDER = "teacher"
-# the methods that call the LLM (``imported`` calls no one)
-CALLING_METHODS = {"listwise": listwise.teach, "pointwise": pointwise.teach, "rationales": rationales.teach}
 
 
 def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, min_relevance: int = 1) -> dict:
@@ -46,7 +46,10 @@ def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, mi
         queries = synthetic_queries(paths, name, target.split)
     else:
         queries = split_queries(paths, name, target.split, f"{teach_key(name, target)}.split")
-    pool = load_pool(name, target, paths, queries)
+    # the passages: read by each teach shard for its own queries (bounded memory), but here for the replaying
+    # teacher (its server answers from them) and for imported labels
+    in_shards = teacher.method != "imported" and teacher.backend != "replay"
+    pool = load_pool(name, target, paths, queries, passages=not in_shards)
     # the cache folder is a DVC output: it exists even when imported labels make no call
     paths.teacher_cache_dir(name).mkdir(parents=True, exist_ok=True)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
@@ -65,24 +68,17 @@ def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, mi
             "rationales": teacher.rationales.template,
         }[teacher.method]
         template = load_template(template_name)
-        with (
-            teacher_endpoint(
-                teacher, paths, pool, served, server_log=paths.teacher_dir(name) / SERVER_LOG_NAME
-            ) as endpoint,
-            TeacherCache(paths.teacher_cache_dir(name)) as cache,
-        ):
-            client = CachedTeacher(
-                endpoint,
-                teacher.sampling,
-                cache,
-                template.sha256,
-                run_id=run_id,
-                budget=teacher.budget,
-                max_unusable_tries=teacher.max_unusable_tries,
-                breaker=teacher.breaker,
-            )
-            outcome = CALLING_METHODS[teacher.method](pool, client, teacher)
-            counters = client.counters
+        # only the replaying teacher's server reads the pool (its passages); given to no other, no one else holds it
+        replayed = pool if teacher.backend == "replay" else None
+        log = paths.teacher_dir(name) / SERVER_LOG_NAME
+        with teacher_endpoint(teacher, paths, replayed, served, server_log=log) as endpoint:
+            # the queries in teacher.fan_out.shards shards (1: here, as one), each with its own client and cache file
+            corpus = corpus_path(paths, name) if in_shards else None
+            jobs = shard_jobs(pool, teacher, endpoint, paths.teacher_cache_dir(name), template.sha256, run_id, corpus)
+            # the shards hold (or read) the passages; what the stage does after needs none
+            pool = without_passages(pool)
+            outcome, counters = merge_results(run_shards(jobs, teacher.fan_out))
+            del jobs
         model, template_hash = endpoint.model, template.sha256
         labels = outcome.rankings
         provenance = pd.DataFrame(

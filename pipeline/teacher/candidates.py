@@ -8,8 +8,13 @@ synthesized ones (``paths.synthetic/<name>/queries.parquet``, candidates from th
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from pipeline import schemas
 from pipeline.config import ConfigError, Paths, TeachTarget, teach_key
@@ -67,10 +72,11 @@ def shipped_union(shipped: pd.DataFrame, depth: int) -> pd.DataFrame:
     return rrf_fuse(runs, k=60).assign(method=SHIPPED_UNION)
 
 
-def load_pool(name: str, target: TeachTarget, paths: Paths, queries: pd.DataFrame) -> Pool:
+def load_pool(name: str, target: TeachTarget, paths: Paths, queries: pd.DataFrame, passages: bool = True) -> Pool:
     """The pool of ``target``: ``queries`` (its split's: the collection's, or ``synthetic_queries``), sampled to
     ``max_queries``, with a ``retrieve`` method's run or the synthesized queries' pool as candidates (``rank`` =
-    the order the pool shows them in), cut at ``depth``, with their passages."""
+    the order the pool shows them in), cut at ``depth``, with their passages (``passages``; else without the
+    column: ``with_passages`` adds them later)."""
     if target.queries == "synthetic":
         candidates_path = paths.pool_dir(name) / schemas.TABLES["pool_candidates"].filename
         if not candidates_path.is_file():
@@ -95,16 +101,32 @@ def load_pool(name: str, target: TeachTarget, paths: Paths, queries: pd.DataFram
             f"(methods here: {methods})"
         )
     candidates = candidates[candidates.query_id.isin(set(queries.query_id))]
-    corpus = read_table(paths.collection_dir(name) / schemas.TABLES["corpus"].filename)
-    corpus = corpus[corpus.doc_id.isin(set(candidates.doc_id))]
-    passages = pd.Series(
-        [document_contents(t, x) for t, x in zip(corpus.title, corpus.text, strict=True)], index=corpus.doc_id
-    )
-    candidates = candidates.sort_values(["query_id", "rank"]).assign(passage=lambda c: c.doc_id.map(passages))
+    candidates = candidates.sort_values(["query_id", "rank"])
     queries = queries[queries.query_id.isin(set(candidates.query_id))].reset_index(drop=True)
     columns = ["query_id", "text"] + (["source_doc_id"] if target.queries == "synthetic" else [])
-    return Pool(
-        queries=queries[columns],
-        candidates=candidates[["query_id", "doc_id", "rank", "passage"]],
-        origin=target.queries,
-    )
+    pool = Pool(queries=queries[columns], candidates=candidates[["query_id", "doc_id", "rank"]], origin=target.queries)
+    return with_passages(pool, corpus_path(paths, name)) if passages else pool
+
+
+def corpus_path(paths: Paths, name: str) -> Path:
+    return paths.collection_dir(name) / schemas.TABLES["corpus"].filename
+
+
+def read_passages(corpus: Path, doc_ids: Iterable[str]) -> pd.Series:
+    """The passages (title and text, as the index holds them) of ``doc_ids``, by doc id: pyarrow reads the corpus
+    a row group at a time and keeps only those rows, so the whole corpus (8.8M passages for MS MARCO) is never in
+    memory."""
+    if not corpus.is_file():
+        raise FileNotFoundError(f"{corpus}: table not found (has the stage that writes it run?)")
+    wanted = sorted(set(doc_ids))
+    table = pq.read_table(corpus, columns=["doc_id", "title", "text"], filters=[("doc_id", "in", wanted)])
+    rows = table.to_pydict()
+    texts = [document_contents(t, x) for t, x in zip(rows["title"], rows["text"], strict=True)]
+    return pd.Series(texts, index=rows["doc_id"], dtype=object)
+
+
+def with_passages(pool: Pool, corpus: Path) -> Pool:
+    """``pool`` with each candidate's passage (``passage``) read from ``corpus``: what a teach shard does for its
+    own queries only, so that the stage never holds every query's passages at once."""
+    passages = read_passages(corpus, pool.candidates.doc_id)
+    return dataclasses.replace(pool, candidates=pool.candidates.assign(passage=pool.candidates.doc_id.map(passages)))
