@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.io import atomic_folder  # noqa: E402
+from pipeline.sources import CollectionError, iter_jsonl  # noqa: E402
 
 DEFAULT_SEED_CORPUS = REPO.parent / "shared" / "data" / "trec-dl-2019" / "corpus.jsonl"
 BLOCK = 4096  # passages per random stream: large enough for numpy to vectorize, small enough to stay in cache
@@ -96,19 +97,16 @@ def fit_seed_model(texts: Sequence[str] | Iterator[str]) -> SeedModel:
 
 
 def read_seed_texts(paths: Sequence[Path]) -> Iterator[str]:
-    """The ``title`` and ``text`` of every passage of BEIR ``corpus.jsonl`` files, one string each."""
+    """The ``title`` and ``text`` of every passage of BEIR ``corpus.jsonl`` files, one string each (read by the
+    prepare stage's own reader: a malformed line is named by its file and number)."""
     for path in paths:
         if not Path(path).is_file():
             raise ScaleCollectionError(f"--seed-corpus {path}: file not found")
-        with open(path, encoding="utf-8-sig") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ScaleCollectionError(f"--seed-corpus {path}:{line_no}: malformed JSON ({err.msg})") from None
+        try:
+            for _, record in iter_jsonl(Path(path)):
                 yield f"{record.get('title') or ''} {record.get('text') or ''}".strip()
+        except CollectionError as err:
+            raise ScaleCollectionError(f"--seed-corpus {err}") from None
 
 
 def generate_block(model: SeedModel, seed: int, block: int, count: int, alpha: float) -> list[np.ndarray]:

@@ -709,7 +709,7 @@ class RerankConfig:
 
 @dataclass(config=STRICT)
 class ScaleConfig:
-    """How the per-query stages (retrieve, pool, build, rerank, evaluate) bound their memory: they work on
+    """How the per-query stages (retrieve, pool, teach, build, rerank, evaluate) bound their memory: they work on
     ``chunk_queries`` queries at a time and write their tables chunk by chunk (Parquet row groups), so that what
     they hold does not grow with the number of queries. The outputs are the same whatever the chunk size (same
     rows, order and scores; tests/test_chunked_stages.py), so it is not a DVC parameter of any stage."""

@@ -200,4 +200,4 @@ def run_teach(params: dict) -> dict:
     from pipeline.stages import teach
 
     parsed = parse_params(params)
-    return teach.run("tiny", parsed.teach["tiny"], parsed.teacher, parsed.paths)
+    return teach.run("tiny", parsed.teach["tiny"], parsed.teacher, parsed.paths, 1, parsed.scale.chunk_queries)

@@ -148,6 +148,15 @@ def test_bad_arguments_are_named(
     assert not (tmp_path / "c").exists()
 
 
+def test_a_malformed_seed_corpus_line_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    seed = tmp_path / "corpus.jsonl"
+    seed.write_text('{"_id": "a", "text": "fine words here"}\n{"_id": "b", "text": \n')
+    argv = ["--passages", "10", "--queries", "2", "--test-queries", "1", "--out", str(tmp_path / "c")]
+    assert scale_collection.main([*argv, "--seed-corpus", str(seed)]) == 2
+    assert f"--seed-corpus {seed}:2: malformed JSON" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 def test_an_existing_output_is_refused(tmp_path: Path, seed_corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "c").mkdir()
     argv = ["--passages", "10", "--queries", "2", "--test-queries", "1", "--out", str(tmp_path / "c")]

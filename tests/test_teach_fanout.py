@@ -116,6 +116,45 @@ def test_dask_local_cluster_two_workers_pointwise(teach_root: Path, prefect_api:
     check_fan_out(teach_root, fan_out, method="pointwise")
 
 
+@pytest.mark.parametrize("method", ["listwise", "pointwise"])
+def test_chunks_of_one_query_give_the_one_chunk_labels(teach_root: Path, method: str) -> None:
+    """scale.chunk_queries: the teach stage labels a shard's queries a chunk at a time (the passages and prompts
+    of one chunk in memory), with the same rows, figures and calls as all at once; a re-run pays nothing."""
+    one, whole = reference(teach_root, method=method)
+    root = sibling(teach_root, f"chunked-{method}")
+    responder = bee_responder if method == "pointwise" else reverse_responder
+    with OpenAIServer(responder=responder) as server:
+        params = teach_params(root, server.base_url, method=method)
+        params["scale"] = {"chunk_queries": 1}
+        summary = run_teach(params)
+        assert summary["queries"]["labelled"] > 1  # more than one chunk
+        asked = summary["windows"] if "windows" in summary else summary["pairs"]
+        assert summary["calls"]["paid"] == server.served_ok == asked > 0
+        assert stable(summary) == stable(whole)
+        assert_same_labels(one, root)
+        assert run_teach(params)["calls"]["paid"] == 0
+
+
+def test_a_budget_stop_in_chunks_labels_what_the_one_chunk_run_labels(teach_root: Path) -> None:
+    """A budget that one call exhausts: chunked or not, the same call is paid and the same labels kept (one call in
+    flight at a time, so that which query's call goes first does not depend on threads)."""
+
+    def budgeted(root: Path, base_url: str, chunk_queries: int) -> dict:
+        params = teach_params(root, base_url, budget={"max_prompt_tokens": 1})
+        params["teacher"]["endpoint"]["max_concurrency"] = 1
+        params["scale"] = {"chunk_queries": chunk_queries}
+        return run_teach(params)
+
+    root = sibling(teach_root, "chunked-budget")
+    with OpenAIServer(responder=reverse_responder) as server:
+        whole = budgeted(teach_root, server.base_url, 1000)
+    with OpenAIServer(responder=reverse_responder) as server:
+        chunked = budgeted(root, server.base_url, 1)
+    assert whole["stopped_early"] and chunked["stopped_early"] == whole["stopped_early"]
+    assert chunked["calls"]["paid"] == whole["calls"]["paid"] == 1
+    assert_same_labels(teach_root, root)
+
+
 @pytest.mark.slow
 def test_dask_worker_processes_write_their_own_cache_files(teach_root: Path, prefect_api: None) -> None:
     cache_dir = check_fan_out(teach_root, {"shards": 2, "task_runner": "dask", "workers": 2, "processes": True})

@@ -40,7 +40,16 @@ from pipeline.teacher.templates import load_template
 TEACHER_METRICS_FOLDER = "teacher"
 
 
-def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, min_relevance: int = 1) -> dict:
+def run(
+    name: str,
+    target: TeachTarget,
+    teacher: TeacherConfig,
+    paths: Paths,
+    min_relevance: int = 1,
+    chunk_queries: int | None = None,
+) -> dict:
+    """Label ``name``'s target; each shard labels ``chunk_queries`` queries at a time (``scale.chunk_queries``;
+    None: all at once), which bounds the passages and prompts in memory and changes no row."""
     started = time.perf_counter()
     if target.queries == "synthetic":
         queries = synthetic_queries(paths, name, target.split)
@@ -74,7 +83,9 @@ def run(name: str, target: TeachTarget, teacher: TeacherConfig, paths: Paths, mi
         with teacher_endpoint(teacher, paths, replayed, served, server_log=log) as endpoint:
             # the queries in teacher.fan_out.shards shards (1: here, as one), each with its own client and cache file
             corpus = corpus_path(paths, name) if in_shards else None
-            jobs = shard_jobs(pool, teacher, endpoint, paths.teacher_cache_dir(name), template.sha256, run_id, corpus)
+            jobs = shard_jobs(
+                pool, teacher, endpoint, paths.teacher_cache_dir(name), template.sha256, run_id, corpus, chunk_queries
+            )
             # the shards hold (or read) the passages; what the stage does after needs none
             pool = without_passages(pool)
             outcome, counters = merge_results(run_shards(jobs, teacher.fan_out))
@@ -146,7 +157,8 @@ def _body(params: Params, name: str | None) -> dict:
         raise ConfigError(f"teach.{name}: not a teach target in params.yaml (targets: {sorted(params.teach)})")
     collection = params.collection(name)
     target = params.teach[name]
-    return run(name, target, teacher_for(params.teacher, target), params.paths, collection.min_relevance)
+    teacher = teacher_for(params.teacher, target)
+    return run(name, target, teacher, params.paths, collection.min_relevance, params.scale.chunk_queries)
 
 
 def main(argv: list[str] | None = None) -> int:

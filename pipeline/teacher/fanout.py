@@ -23,7 +23,8 @@ the summary figures are sums (``merge_stats``) and the call counters too.
 
 Memory: the stage holds the target's candidates as ids and ranks only; each shard reads its own queries'
 passages from the corpus (``candidates.with_passages``: a pyarrow filter, never the whole corpus) and frees them
-with its walks when it returns, keeping only its output rows. So with ``shards`` well above ``workers`` the
+with its walks when it returns, keeping only its output rows; within a shard it does so ``scale.chunk_queries``
+queries at a time (``teach_in_chunks``). So with ``shards`` well above ``workers`` the
 passages and prompts in memory are those of the ``workers`` shards running, not the target's.
 
 ``shards: 1`` (the default) runs the one shard in the stage's own process, without Prefect: today's behaviour.
@@ -186,6 +187,7 @@ class ShardJob:
     template_hash: str
     run_id: str
     corpus: Path | None = None
+    chunk_queries: int | None = None
 
 
 @dataclass(frozen=True)
@@ -203,15 +205,18 @@ def shard_jobs(
     template_hash: str,
     run_id: str,
     corpus: Path | None = None,
+    chunk_queries: int | None = None,
 ) -> list[ShardJob]:
     """One job per shard of ``pool`` (``teacher.fan_out.shards`` of them, fewer for fewer queries); a pool without
-    passages needs the ``corpus`` to read them from."""
+    passages needs the ``corpus`` to read them from. Each shard labels ``chunk_queries`` (``scale.chunk_queries``)
+    of its queries at a time (None: all at once)."""
     if corpus is None and "passage" not in pool.candidates:
         raise ValueError("a pool without passages needs the corpus to read them from")
     corpus = None if corpus is None else Path(corpus).resolve()
+    cache_dir = Path(cache_dir).resolve()
     parts = split_pool(pool, teacher.fan_out.shards)
     return [
-        ShardJob(i, len(parts), part, teacher, endpoint, Path(cache_dir).resolve(), template_hash, run_id, corpus)
+        ShardJob(i, len(parts), part, teacher, endpoint, cache_dir, template_hash, run_id, corpus, chunk_queries)
         for i, part in enumerate(parts)
     ]
 
@@ -222,7 +227,6 @@ def teach_shard(job: ShardJob) -> ShardResult:
     With more than one shard a failed call stops the shard as ``ShardFailed``, saying what it paid for; alone,
     the method's own error is raised as it is (the unsharded stage's behaviour)."""
     teacher = job.teacher
-    pool = job.pool if job.corpus is None else with_passages(job.pool, job.corpus)
     with TeacherCache(job.cache_dir) as cache:
         client = CachedTeacher(
             job.endpoint,
@@ -235,7 +239,7 @@ def teach_shard(job: ShardJob) -> ShardResult:
             breaker=teacher.breaker,
         )
         try:
-            outcome = CALLING_METHODS[teacher.method](pool, client, teacher)
+            outcome = teach_in_chunks(job, client)
         except TeacherCallError as err:
             if job.shards == 1:
                 raise
@@ -245,6 +249,32 @@ def teach_shard(job: ShardJob) -> ShardResult:
                 f"{spent.calls} calls and serving {spent.cached} from the cache (all kept there): {err}"
             ) from None
     return ShardResult(job.index, outcome, client.counters)
+
+
+def chunk_count(queries: int, chunk_queries: int | None) -> int:
+    """How many chunks of at most ``chunk_queries`` queries ``queries`` queries make (None: one).
+
+    >>> chunk_count(2500, 1000), chunk_count(1000, 1000), chunk_count(3, None), chunk_count(0, 10)
+    (3, 1, 1, 1)
+    """
+    return 1 if chunk_queries is None or queries == 0 else -(-queries // chunk_queries)
+
+
+def teach_in_chunks(job: ShardJob, client: CachedTeacher) -> TeachOutcome:
+    """The method over the shard's queries, ``job.chunk_queries`` at a time, with one client (so the budget, the
+    breaker and the counters are the shard's, as if it ran at once), each chunk's passages read for it alone and
+    dropped with its walks when it is done: what the shard holds is its output rows, not its queries' passages and
+    prompts. The chunks are contiguous in the pool's order, so the rows are the one-chunk run's rows (as shards'
+    are, ``merge_results``); a budget stop ends a chunk, and every later chunk stops at once as the rest of the
+    one-chunk run would have (only the first stop is reported)."""
+    method = CALLING_METHODS[job.teacher.method]
+    parts = split_pool(job.pool, chunk_count(job.pool.candidates.query_id.nunique(), job.chunk_queries))
+    outcomes = []
+    for part in parts:
+        pool = part if job.corpus is None else with_passages(part, job.corpus)
+        outcomes.append(method(pool, client, job.teacher))
+        del pool
+    return merge_outcomes(outcomes, stopped=next((o.stopped for o in outcomes if o.stopped), None))
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -259,16 +289,22 @@ def merge_results(results: Sequence[ShardResult]) -> tuple[TeachOutcome, Teacher
     results = sorted(results, key=lambda r: r.index)
     if len(results) == 1:
         return results[0].outcome, results[0].counters
-    outcomes = [r.outcome for r in results]
     stops = [f"shard {r.index + 1}/{len(results)}: {r.outcome.stopped}" for r in results if r.outcome.stopped]
-    merged = TeachOutcome(
+    merged = merge_outcomes([r.outcome for r in results], stopped="; ".join(stops) or None)
+    return merged, add_counters([r.counters for r in results])
+
+
+def merge_outcomes(outcomes: Sequence[TeachOutcome], stopped: str | None) -> TeachOutcome:
+    """Consecutive parts' outcomes as one: rows concatenated in order, figures added up (``merge_stats``)."""
+    if len(outcomes) == 1:
+        return dataclasses.replace(outcomes[0], stopped=stopped)
+    return TeachOutcome(
         rankings=_concat([o.rankings for o in outcomes]),
         stats=merge_stats([o.stats for o in outcomes]),
-        stopped="; ".join(stops) or None,
+        stopped=stopped,
         windows=_concat([o.windows for o in outcomes]),
         rationales=_concat([o.rationales for o in outcomes]),
     )
-    return merged, add_counters([r.counters for r in results])
 
 
 def task_runner(fan_out: FanOutConfig) -> TaskRunner:
