@@ -29,6 +29,25 @@ from pipeline.schemas import TABLES, TableSpec
 from pipeline.teacher.cache import teacher_calls_view_sql
 
 
+def distinct_values(path: Path, column: str, where: tuple[str, str] | None = None) -> list[str]:
+    """The sorted distinct values of ``column`` in the Parquet file ``path``, in Python's string order (DuckDB:
+    the column is never held whole).
+
+    >>> import tempfile, pandas as pd
+    >>> path = Path(tempfile.mkdtemp()) / "t.parquet"
+    >>> pd.DataFrame({"query_id": ["q2", "q1", "q2"], "method": ["a", "b", "a"]}).to_parquet(path)
+    >>> distinct_values(path, "query_id"), distinct_values(path, "query_id", where=("method", "a"))
+    (['q1', 'q2'], ['q2'])
+    """
+    sql = f'SELECT DISTINCT "{column}" FROM read_parquet(?)'
+    args: list[str] = [str(path)]
+    if where is not None:
+        sql += f' WHERE "{where[0]}" = ?'
+        args.append(where[1])
+    with duckdb.connect() as con:
+        return sorted(str(row[0]) for row in con.execute(sql, args).fetchall())
+
+
 def table_glob(spec: TableSpec, paths: Paths) -> str:
     folder = Path(getattr(paths, spec.folder))
     return str(folder / "*" / spec.filename) if spec.scope == "collection" else str(folder / spec.filename)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -152,6 +153,47 @@ def read_table(path: Path | str, schema: pa.Schema | None = None) -> pd.DataFram
     if not path.is_file():
         raise FileNotFoundError(f"{path}: table not found (has the stage that writes it run?)")
     return pq.read_table(path, schema=schema).to_pandas()
+
+
+def read_rows_in(
+    path: Path | str,
+    where: Mapping[str, Collection[str]],
+    columns: Sequence[str] | None = None,
+    batch_rows: int = 8192,
+) -> pd.DataFrame:
+    """The rows of the Parquet table at ``path`` whose every ``where`` column holds one of its values (only
+    ``columns``; None: all), in file order, typed as ``read_table`` types them. The file is read a batch at a time
+    and only the kept rows are held: ``pq.read_table(filters=...)`` reads ahead up to 16 batches of 128K rows,
+    which for a table of every query's rows is most of it, so a stage reading one chunk of queries would hold
+    them all. Small batches: a batch of long passages decoded is most of what a read holds.
+
+    >>> import tempfile
+    >>> path = write_table(pd.DataFrame({"query_id": ["q1", "q2", "q1"], "method": ["a", "a", "b"], "rank": [1, 1, 2]}),
+    ...                    pa.schema([("query_id", pa.string()), ("method", pa.string()), ("rank", pa.int32())]),
+    ...                    Path(tempfile.mkdtemp()) / "t.parquet")
+    >>> read_rows_in(path, {"query_id": {"q1"}}, batch_rows=1).values.tolist()
+    [['q1', 'a', 1], ['q1', 'b', 2]]
+    >>> read_rows_in(path, {"query_id": ["q1", "q2"], "method": ["a"]}, columns=["rank"]).values.tolist()
+    [[1], [1]]
+    >>> read_rows_in(path, {"query_id": []}, columns=["rank"]).columns.tolist()
+    ['rank']
+    """
+    import pyarrow.compute as pc
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: table not found (has the stage that writes it run?)")
+    file = pq.ParquetFile(path)
+    full = file.schema_arrow
+    wanted = {column: pa.array(sorted(values), type=full.field(column).type) for column, values in where.items()}
+    read = None if columns is None else list(dict.fromkeys([*columns, *where]))
+    kept = []
+    for batch in file.iter_batches(batch_size=batch_rows, columns=read):
+        masks = [pc.is_in(batch.column(column), value_set=values) for column, values in wanted.items()]
+        kept.append(batch.filter(functools.reduce(pc.and_, masks)) if masks else batch)
+    schema = full if read is None else pa.schema([full.field(c) for c in read])
+    table = pa.Table.from_batches(kept, schema=schema.with_metadata(full.metadata))
+    return table.to_pandas()[list(columns) if columns is not None else table.column_names]
 
 
 def write_text(text: str, path: Path | str) -> Path:

@@ -30,7 +30,14 @@ from pipeline.config import (
     TeachTarget,
     load_params,
 )
-from pipeline.io import ParquetChunkWriter, read_table, write_table, write_trec_run, write_trec_run_from_parquet
+from pipeline.io import (
+    ParquetChunkWriter,
+    read_rows_in,
+    read_table,
+    write_table,
+    write_trec_run,
+    write_trec_run_from_parquet,
+)
 from pipeline.lucene import document_contents
 from pipeline.pool import pool_table, source_recall, unique_share
 from pipeline.rerank import rerank_run
@@ -76,6 +83,42 @@ def test_the_chunk_writer_writes_an_empty_table_and_one_row_group_per_chunk(tmp_
             writer.write(pa.table({"rank": pa.array([rank], pa.int32()), "query_id": ["q"]}))  # any column order
     assert pq.ParquetFile(tmp_path / "t.parquet").num_row_groups == 3
     assert read_table(tmp_path / "t.parquet")["rank"].tolist() == [1, 2, 3] and writer.rows == 3
+
+
+def test_reading_the_rows_of_some_queries_keeps_the_file_order_and_the_types(tmp_path: Path) -> None:
+    # what build's and evaluate's chunks read: the rows pq.read_table(filters=) gives, typed alike (nulls,
+    # nullable ints, pandas' string dtype), from a table of several row groups read in batches smaller than them
+    spec = schemas.TABLES["teacher_rankings"]
+    rows = pd.DataFrame(
+        {
+            "collection": "c",
+            "query_id": [f"q{i % 5}" for i in range(40)],
+            "doc_id": [f"d{i}" for i in range(40)],
+            "teacher_rank": range(1, 41),
+            "score": [None if i % 3 else i / 7 for i in range(40)],
+            "first_stage_rank": pd.array([None if i % 4 == 0 else i for i in range(40)], dtype="Int32"),
+            "model": ["m1", "m2"] * 20,
+            "method": "listwise",
+            "first_stage": [None, "bm25"] * 20,
+            "template_hash": "h",
+            "run_id": "r",
+        }
+    )
+    path = tmp_path / spec.filename
+    with ParquetChunkWriter(path, spec.schema) as writer:
+        for start in range(0, 40, 16):
+            writer.write(rows.iloc[start : start + 16])
+    wanted = ["q3", "q1", "absent"]
+    expected = pq.read_table(path, filters=[("query_id", "in", wanted)]).to_pandas()
+    got = read_rows_in(path, {"query_id": wanted}, batch_rows=3)
+    pd.testing.assert_frame_equal(got, expected)
+    assert got.query_id.tolist() == [q for q in rows.query_id if q in {"q1", "q3"}]  # file order, not query order
+    both = read_rows_in(path, {"query_id": wanted, "model": ["m2"]}, columns=["doc_id", "first_stage_rank"])
+    assert both.columns.tolist() == ["doc_id", "first_stage_rank"]
+    assert both.doc_id.tolist() == rows.doc_id[rows.query_id.isin(wanted) & (rows.model == "m2")].tolist()
+    assert read_rows_in(path, {"query_id": []}).empty
+    with pytest.raises(FileNotFoundError, match=r"nothing\.parquet: table not found"):
+        read_rows_in(tmp_path / "nothing.parquet", {"query_id": ["q1"]})
 
 
 def test_a_trec_run_sorted_out_of_core_equals_write_trec_run(tmp_path: Path) -> None:

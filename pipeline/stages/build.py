@@ -14,6 +14,8 @@ validated on the dev queries, and ``evaluate`` measures every run on them (``eva
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,7 +23,8 @@ import pyarrow.parquet as pq
 
 from pipeline import schemas
 from pipeline.config import BuildConfig, ConfigError, Params, Paths, TeachTarget, teach_key
-from pipeline.io import ParquetChunkWriter, read_table
+from pipeline.duck import distinct_values
+from pipeline.io import ParquetChunkWriter, read_rows_in, read_table
 from pipeline.lucene import document_contents
 from pipeline.stages.common import read_passages
 from pipeline.teacher.imported import list_name
@@ -55,15 +58,6 @@ def held_out(query_ids: list[str], fraction: float, seed: int) -> set[str]:
     count = min(max(1, round(fraction * len(ids))), len(ids) - 1)
     rng = np.random.default_rng(seed)
     return set(rng.choice(np.array(ids, dtype=object), size=count, replace=False).tolist())
-
-
-def read_query_texts(name: str, target: TeachTarget, paths: Paths) -> pd.DataFrame:
-    """The queries the teacher labelled (query_id, text, split), from the collection or the synthesized set."""
-    if target.queries == "synthetic":
-        path = paths.synthetic_dir(name) / schemas.TABLES["synthetic_queries"].filename
-    else:
-        path = paths.collection_dir(name) / schemas.TABLES["queries"].filename
-    return read_table(path)[["query_id", "text", "split"]]
 
 
 def build_examples(
@@ -125,45 +119,69 @@ def examples_with_passages(
     return frame.reset_index(drop=True), dropped
 
 
+def query_texts_path(name: str, target: TeachTarget, paths: Paths) -> Path:
+    """The table of the queries the teacher labelled: the collection's or the synthesized set."""
+    if target.queries == "synthetic":
+        return paths.synthetic_dir(name) / schemas.TABLES["synthetic_queries"].filename
+    return paths.collection_dir(name) / schemas.TABLES["queries"].filename
+
+
+def read_query_texts(name: str, target: TeachTarget, paths: Paths) -> pd.DataFrame:
+    """The queries the teacher labelled (query_id, text, split), from the collection or the synthesized set."""
+    return read_table(query_texts_path(name, target, paths))[["query_id", "text", "split"]]
+
+
+def chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    """``items`` in consecutive runs of at most ``size``.
+
+    >>> list(chunks(["a", "b", "c"], 2)), list(chunks([], 2))
+    ([['a', 'b'], ['c']], [])
+    """
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
 def run(name: str, target: TeachTarget, cfg: BuildConfig, paths: Paths, chunk_queries: int = 1000) -> dict:
     """Build the examples of teach target ``name``, ``chunk_queries`` queries at a time (in query_id order, the
-    order of the table), each chunk's passages read from the corpus with a filter (the corpus is never held): the
-    table ``build_examples`` gives for every query at once."""
+    order of the table): the table ``build_examples`` gives for every query at once. Neither the teacher's
+    rankings, the queries nor the corpus is ever held whole: each chunk reads its own rows of them."""
     rankings_path = paths.teacher_dir(name) / schemas.TABLES["teacher_rankings"].filename
     if not rankings_path.is_file():
         raise NoTeacherLabels(f"{rankings_path}: no teacher rankings (run `distillrank stage teach {name}` first)")
-    rankings = read_table(rankings_path)
-    if rankings.empty:
+    if pq.ParquetFile(rankings_path).metadata.num_rows == 0:
         raise NoTeacherLabels(f"{rankings_path}: the teacher ranked nothing (re-run teach; check its budget)")
-    queries = read_query_texts(name, target, paths)
+    queries_path = query_texts_path(name, target, paths)
+    if not queries_path.is_file():
+        raise FileNotFoundError(f"{queries_path}: table not found (has the stage that writes it run?)")
     corpus = paths.collection_dir(name) / schemas.TABLES["corpus"].filename
     keep_dev_split = target.queries == "synthetic"
-    # the dev split is drawn over every query with an example, before any chunk is built: the known documents'
-    # ids only (one column, filtered) tell which those are
-    known_docs = set(
-        pq.read_table(corpus, columns=["doc_id"], filters=[("doc_id", "in", sorted(set(rankings.doc_id)))])
-        .column("doc_id")
-        .to_pylist()
-    )
-    known = rankings.query_id.isin(set(queries.query_id)) & rankings.doc_id.isin(known_docs)
-    dev = dev_split(
-        queries.drop_duplicates("query_id"), rankings.query_id[known].unique().tolist(), cfg, keep_dev_split
-    )
+    query_ids = distinct_values(rankings_path, "query_id")
+    # first pass: the dev split is drawn over every query with an example (a known query, one of its documents in
+    # the corpus) before any chunk is built; the document ids of one chunk at a time tell which those are
+    query_splits = pq.read_table(queries_path, columns=["query_id", "split"]).to_pandas()
+    known_queries = set(query_splits.query_id)
+    with_example: list[str] = []
+    teachers: set[tuple[str, str]] = set()
+    for ids in chunks(query_ids, chunk_queries):
+        rows = read_rows_in(rankings_path, {"query_id": ids}, columns=["query_id", "doc_id", "model", "method"])
+        in_corpus = set(read_rows_in(corpus, {"doc_id": set(rows.doc_id)}, columns=["doc_id"]).doc_id)
+        with_example += sorted(set(rows.query_id[rows.doc_id.isin(in_corpus)]) & known_queries)
+        teachers.update(rows[["model", "method"]].drop_duplicates().itertuples(index=False, name=None))
+        del rows, in_corpus
+    dev = dev_split(query_splits.drop_duplicates("query_id"), with_example, cfg, keep_dev_split)
+    del query_splits, known_queries, with_example
     spec = schemas.TABLES["training_examples"]
     out = paths.training_dir(name) / spec.filename
-    by_query = rankings.groupby("query_id", sort=False).indices
-    query_ids = sorted(by_query)
     queries_by_split: dict[str, int] = {}
     groups_by_split: dict[str, int] = {}
     pairs_by_split: dict[str, int] = {}
     lists: set[str] = set()
     dropped = 0
     with ParquetChunkWriter(out, spec.schema) as writer:
-        for start in range(0, len(query_ids), chunk_queries):
-            chunk = rankings.iloc[
-                np.sort(np.concatenate([by_query[q] for q in query_ids[start : start + chunk_queries]]))
-            ]
-            passages = read_passages(corpus, set(chunk.doc_id) & known_docs)
+        for ids in chunks(query_ids, chunk_queries):
+            chunk = read_rows_in(rankings_path, {"query_id": ids})
+            queries = read_rows_in(queries_path, {"query_id": ids}, columns=["query_id", "text", "split"])
+            passages = read_passages(corpus, set(chunk.doc_id))
             examples, chunk_dropped = examples_with_passages(name, chunk, queries, passages, cfg, keep_dev_split, dev)
             dropped += chunk_dropped
             writer.write(examples)
@@ -172,6 +190,8 @@ def run(name: str, target: TeachTarget, cfg: BuildConfig, paths: Paths, chunk_qu
                 queries_by_split[split] = queries_by_split.get(split, 0) + int(group.query_id.nunique())
                 groups_by_split[split] = groups_by_split.get(split, 0) + len(group.groupby(["query_id", "list"]))
                 pairs_by_split[split] = pairs_by_split.get(split, 0) + len(group)
+            # dropped before the next chunk is read, not when it replaces them: one chunk's rows at a time
+            del chunk, queries, passages, examples
         if writer.rows == 0:
             raise ConfigError(
                 f"{teach_key(name, target)}: none of the teacher's ranked documents/queries are in the collection"
@@ -185,9 +205,7 @@ def run(name: str, target: TeachTarget, cfg: BuildConfig, paths: Paths, chunk_qu
         "pairs": dict(sorted(pairs_by_split.items())),
         "mean_group_size": round(writer.rows / sum(groups_by_split.values()), 2),
         "dropped_pairs": dropped,
-        "teacher": sorted(
-            f"{m}/{t}" for m, t in rankings[["model", "method"]].drop_duplicates().itertuples(index=False)
-        ),
+        "teacher": sorted(f"{m}/{t}" for m, t in teachers),
         "output": str(out),
     }
 

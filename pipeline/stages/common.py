@@ -10,11 +10,10 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
 
 from pipeline import schemas
 from pipeline.config import DEFAULT_PARAMS_FILE, ConfigError, EvaluationCollection, Params, Paths, load_params
-from pipeline.io import RunFormatError, read_table
+from pipeline.io import RunFormatError, read_rows_in, read_table
 from pipeline.lucene import document_contents
 from pipeline.sources import CollectionError, in_split
 from pipeline.students.base import StudentLoadError
@@ -106,13 +105,5 @@ def read_passages(corpus_path: Path, doc_ids: Collection[str]) -> dict[str, str]
         raise FileNotFoundError(f"{corpus_path}: table not found (has the stage that writes it run?)")
     if not doc_ids:
         return {}
-    table = pq.read_table(corpus_path, columns=["doc_id", "title", "text"], filters=[("doc_id", "in", list(doc_ids))])
-    return {
-        d: document_contents(t, x)
-        for d, t, x in zip(
-            table.column("doc_id").to_pylist(),
-            table.column("title").to_pylist(),
-            table.column("text").to_pylist(),
-            strict=True,
-        )
-    }
+    table = read_rows_in(corpus_path, {"doc_id": doc_ids}, columns=["doc_id", "title", "text"])
+    return dict(zip(table.doc_id, map(document_contents, table.title, table.text), strict=True))

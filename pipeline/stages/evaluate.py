@@ -23,15 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import duckdb
 import pandas as pd
-import pyarrow.parquet as pq
 from scipy import stats
 
 from pipeline import headline as headline_metrics
 from pipeline import schemas
 from pipeline.config import ConfigError, EvaluateConfig, EvaluationCollection, Params, Paths
-from pipeline.io import atomic_folder, atomic_path, read_table, write_json, write_table, write_text
+from pipeline.duck import distinct_values
+from pipeline.io import atomic_folder, atomic_path, read_rows_in, write_json, write_table, write_text
 from pipeline.metrics import evaluate_run
 from pipeline.stages.common import evaluation_queries
 
@@ -54,14 +53,14 @@ RUN_COLUMNS = ["query_id", "doc_id", "rank", "score"]
 @dataclass(frozen=True)
 class StoredRun:
     """A run that stays in its Parquet table until asked for: the rows whose ``filters`` columns have those
-    values, read one chunk of queries at a time (pyarrow skips the row groups whose statistics rule them out)."""
+    values, read one chunk of queries at a time (``read_rows_in``: only that chunk's rows are ever held)."""
 
     path: Path
     filters: tuple[tuple[str, str], ...]
 
     def rows(self, query_ids: list[str]) -> pd.DataFrame:
-        filters = [(column, "=", value) for column, value in self.filters] + [("query_id", "in", query_ids)]
-        return pq.read_table(self.path, columns=RUN_COLUMNS, filters=filters).to_pandas()
+        where = {column: [value] for column, value in self.filters} | {"query_id": query_ids}
+        return read_rows_in(self.path, where, columns=RUN_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -75,17 +74,6 @@ class FrameRun:
 
 
 Run = StoredRun | FrameRun
-
-
-def distinct_values(path: Path, column: str, where: tuple[str, str] | None = None) -> list[str]:
-    """The sorted distinct values of ``column`` in the Parquet file ``path`` (DuckDB: the column is never held)."""
-    sql = f'SELECT DISTINCT "{column}" FROM read_parquet(?)'
-    args: list[str] = [str(path)]
-    if where is not None:
-        sql += f' WHERE "{where[0]}" = ?'
-        args.append(where[1])
-    with duckdb.connect() as con:
-        return sorted(str(row[0]) for row in con.execute(sql, args).fetchall())
 
 
 def collection_runs(paths: Paths, name: str, include_shipped: bool) -> dict[str, Run]:
@@ -152,7 +140,9 @@ def teacher_runs(paths: Paths, name: str, split_ids: set[str]) -> dict[str, pd.D
     path = paths.teacher_dir(name) / schemas.TABLES["teacher_rankings"].filename
     if not path.is_file():
         return {}
-    table = pq.read_table(path, filters=[("query_id", "in", sorted(split_ids))]).to_pandas()
+    table = read_rows_in(
+        path, {"query_id": split_ids}, columns=["query_id", "doc_id", "teacher_rank", "model", "first_stage"]
+    )
     runs = {}
     for (model, first_stage), frame in table.groupby(["model", table.first_stage.fillna("")], sort=True):
         runs[f"{TEACHER_RUN}:{list_name(model, first_stage or None)}"] = pd.DataFrame(
@@ -171,7 +161,7 @@ def held_out_queries(paths: Paths, target: str) -> set[str]:
     path = paths.training_dir(target) / schemas.TABLES["training_examples"].filename
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no training examples for held_out target {target!r} (run `build` first)")
-    examples = pq.read_table(path, columns=["query_id"], filters=[("split", "=", "dev")]).to_pandas()
+    examples = read_rows_in(path, {"split": ["dev"]}, columns=["query_id"])
     return set(examples.query_id)
 
 
@@ -333,9 +323,9 @@ def run(
     per_query_frames = []
     for name, evaluation_cfg in evaluation.items():
         queries = evaluation_queries(paths, name, evaluation_cfg)
-        qrels = read_table(paths.collection_dir(name) / schemas.TABLES["qrels"].filename)
         split_ids = set(queries["query_id"])
-        qrels = qrels[(qrels.split == evaluation_cfg.split) & qrels.query_id.isin(split_ids)]
+        qrels_path = paths.collection_dir(name) / schemas.TABLES["qrels"].filename
+        qrels = read_rows_in(qrels_path, {"split": [evaluation_cfg.split], "query_id": split_ids})
         runs = collection_runs(paths, name, cfg.include_shipped_runs)
         baseline = cfg.baseline_for(name)
         if baseline not in runs:
