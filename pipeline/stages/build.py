@@ -141,6 +141,19 @@ def chunks(items: list[str], size: int) -> Iterator[list[str]]:
         yield items[start : start + size]
 
 
+def split_counts(examples: pd.DataFrame) -> dict[str, tuple[int, int, int]]:
+    """Per split: the examples' queries, groups (query, list) and pairs.
+
+    >>> split_counts(pd.DataFrame({"split": ["train", "train", "dev"], "query_id": ["a", "a", "b"],
+    ...                            "list": ["x", "y", "x"]}))
+    {'dev': (1, 1, 1), 'train': (1, 2, 2)}
+    """
+    return {
+        str(split): (int(group.query_id.nunique()), len(group.groupby(["query_id", "list"])), len(group))
+        for split, group in examples.groupby("split")
+    }
+
+
 def run(name: str, target: TeachTarget, cfg: BuildConfig, paths: Paths, chunk_queries: int = 1000) -> dict:
     """Build the examples of teach target ``name``, ``chunk_queries`` queries at a time (in query_id order, the
     order of the table): the table ``build_examples`` gives for every query at once. Neither the teacher's
@@ -186,10 +199,10 @@ def run(name: str, target: TeachTarget, cfg: BuildConfig, paths: Paths, chunk_qu
             dropped += chunk_dropped
             writer.write(examples)
             lists.update(examples.list.unique())
-            for split, group in examples.groupby("split"):
-                queries_by_split[split] = queries_by_split.get(split, 0) + int(group.query_id.nunique())
-                groups_by_split[split] = groups_by_split.get(split, 0) + len(group.groupby(["query_id", "list"]))
-                pairs_by_split[split] = pairs_by_split.get(split, 0) + len(group)
+            for split, counts in split_counts(examples).items():
+                queries_by_split[split] = queries_by_split.get(split, 0) + counts[0]
+                groups_by_split[split] = groups_by_split.get(split, 0) + counts[1]
+                pairs_by_split[split] = pairs_by_split.get(split, 0) + counts[2]
             # dropped before the next chunk is read, not when it replaces them: one chunk's rows at a time
             del chunk, queries, passages, examples
         if writer.rows == 0:
