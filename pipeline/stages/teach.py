@@ -13,31 +13,52 @@ most the calls in flight, and a budget stops the stage cleanly with everything d
 
 ``teacher.fan_out`` splits the queries into shards run as Prefect tasks, on threads, a local Dask cluster or a
 remote one (``pipeline/teacher/fanout.py``); the shards' outcomes merge into the tables one shard writes.
+
+Memory does not grow with the queries' labels: each shard writes each chunk's rows (with their provenance and
+first-stage ranks) to a spill folder beside the tables (``.spill-<run_id>``, removed after, also on failure) as
+soon as they are labelled; the stage then copies the chunks, in shard and chunk order, into the tables (one row
+group each) and computes the quality figures chunk by chunk from per-query values (``pipeline/teacher/quality.py``).
+Imported labels (a file read whole) are written the same way, as one chunk.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import shutil
 import sys
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
-import pandas as pd
+import pyarrow as pa
 
 from pipeline import schemas
 from pipeline.config import ConfigError, Params, Paths, TeacherConfig, TeachTarget, teach_key, teacher_for
-from pipeline.io import write_json, write_table
+from pipeline.io import ParquetChunkWriter, to_arrow, write_json
 from pipeline.stages.common import split_queries
 from pipeline.teacher import imported
 from pipeline.teacher.candidates import corpus_path, load_pool, synthetic_queries
 from pipeline.teacher.embedded import SERVER_LOG_NAME
 from pipeline.teacher.endpoint import teacher_endpoint
-from pipeline.teacher.fanout import merge_results, run_shards, shard_jobs, without_passages
-from pipeline.teacher.outcome import calls_summary
-from pipeline.teacher.quality import source_doc_quality, teacher_quality
+from pipeline.teacher.fanout import (
+    SPILL_SCHEMAS,
+    merge_results,
+    read_spilled,
+    run_shards,
+    shard_jobs,
+    spilled_schemas,
+    without_passages,
+)
+from pipeline.teacher.outcome import LabelTables, Provenance, calls_summary, label_tables
+from pipeline.teacher.quality import SourceDocQuality, TeacherQuality, split_qrels
 from pipeline.teacher.templates import load_template
 
 TEACHER_METRICS_FOLDER = "teacher"
+# the tables the stage writes, and the label columns its quality figures read
+TABLES = ("teacher_rankings", "teacher_windows", "rationales")
+QUALITY_COLUMNS = ["query_id", "doc_id", "teacher_rank", "model", "first_stage"]
 
 
 def run(
@@ -64,12 +85,25 @@ def run(
     run_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     counters = None
     served: dict = {}  # what a local teacher server (replay) reports it served
+    folder = paths.teacher_dir(name)
+    if pool.origin == "collection":
+        quality: TeacherQuality | SourceDocQuality = TeacherQuality(
+            split_qrels(name, paths, target.split), min_relevance
+        )
+    else:
+        quality = SourceDocQuality(pool.queries)
     if teacher.method == "imported":
         outcome = imported.teach(pool, None, teacher)
         model = ", ".join(sorted(outcome.rankings.model.unique())) if len(outcome.rankings) else "imported"
         template_hash = ", ".join(f["sha256"] for f in outcome.stats["files"])
         provenance = outcome.rankings[imported.PROVENANCE_COLUMNS]
-        labels = outcome.rankings.drop(columns=imported.PROVENANCE_COLUMNS)
+        labels = dataclasses.replace(outcome, rankings=outcome.rankings.drop(columns=imported.PROVENANCE_COLUMNS))
+        tables = label_tables(labels, pool.candidates, name, teacher.method, run_id, provenance, model, template_hash)
+        # imported labels are held whole (a file's rows, read at once): written as one chunk
+        chunk = arrow_tables(tables)
+        labelled = write_labels(folder, [chunk], {table: data.schema for table, data in chunk.items()}, quality)
+        del chunk
+        del labels, tables, provenance
     else:
         template_name = {
             "listwise": teacher.listwise.template,
@@ -79,49 +113,43 @@ def run(
         template = load_template(template_name)
         # only the replaying teacher's server reads the pool (its passages); given to no other, no one else holds it
         replayed = pool if teacher.backend == "replay" else None
-        log = paths.teacher_dir(name) / SERVER_LOG_NAME
-        with teacher_endpoint(teacher, paths, replayed, served, server_log=log) as endpoint:
-            # the queries in teacher.fan_out.shards shards (1: here, as one), each with its own client and cache file
-            corpus = corpus_path(paths, name) if in_shards else None
-            jobs = shard_jobs(
-                pool, teacher, endpoint, paths.teacher_cache_dir(name), template.sha256, run_id, corpus, chunk_queries
-            )
-            # the shards hold (or read) the passages; what the stage does after needs none
-            pool = without_passages(pool)
-            outcome, counters = merge_results(run_shards(jobs, teacher.fan_out))
-            del jobs
-        model, template_hash = endpoint.model, template.sha256
-        labels = outcome.rankings
-        provenance = pd.DataFrame(
-            {"model": model, "first_stage": target.candidates, "template_hash": template_hash}, index=labels.index
-        )
-
-    first_stage = pool.candidates[["query_id", "doc_id", "rank"]].rename(columns={"rank": "first_stage_rank"})
-    # imported labels may rank documents outside the pool: their first-stage rank is null
-    rankings = (
-        pd.concat([labels, provenance], axis=1)
-        .merge(first_stage, on=["query_id", "doc_id"], how="left")
-        .assign(
-            collection=name,
-            first_stage_rank=lambda r: r.first_stage_rank.astype("Int32"),
-            method=teacher.method,
-            run_id=run_id,
-        )
-    )
-    spec = schemas.TABLES["teacher_rankings"]
-    write_table(rankings, spec.schema, paths.teacher_dir(name) / spec.filename)
-    # per-window parse records (window methods; empty for the others, so the table always exists)
-    windows_spec = schemas.TABLES["teacher_windows"]
-    windows = outcome.windows.assign(collection=name, run_id=run_id)
-    write_table(windows, windows_spec.schema, paths.teacher_dir(name) / windows_spec.filename)
-    # Reason-to-Rank rationales (method "rationales" or an R2R file; empty for the others, so the table always exists)
-    rationales_spec = schemas.TABLES["rationales"]
-    reasons = outcome.rationales.assign(
-        collection=name, window_rank=lambda r: r.window_rank.astype("Int32"), run_id=run_id
-    )
-    if "model" not in reasons:  # imported rationales carry their own file's provenance
-        reasons = reasons.assign(model=model, template_hash=template_hash)
-    write_table(reasons, rationales_spec.schema, paths.teacher_dir(name) / rationales_spec.filename)
+        log = folder / SERVER_LOG_NAME
+        # each chunk's rows go to a folder of their own beside the tables as soon as they are labelled, and from
+        # there into the tables, so that no one holds every query's rows; gone after, whatever happens
+        spill_dir = folder / f".spill-{run_id}"
+        spill_dir.mkdir(parents=True)
+        try:
+            with teacher_endpoint(teacher, paths, replayed, served, server_log=log) as endpoint:
+                # the queries in teacher.fan_out.shards shards (1: here, as one), each with its own client and cache
+                corpus = corpus_path(paths, name) if in_shards else None
+                provenance = Provenance(
+                    name, target.candidates, endpoint.model, template.sha256, teacher.method, run_id
+                )
+                jobs = shard_jobs(
+                    pool,
+                    teacher,
+                    endpoint,
+                    paths.teacher_cache_dir(name),
+                    template.sha256,
+                    run_id,
+                    corpus,
+                    chunk_queries,
+                    spill_dir,
+                    provenance,
+                )
+                # the shards hold (or read) the passages and the candidates; what the stage does after needs none
+                pool = dataclasses.replace(without_passages(pool), candidates=pool.candidates.iloc[:0])
+                del replayed
+                results = run_shards(jobs, teacher.fan_out)
+                del jobs
+            outcome, counters = merge_results(results)
+            chunks = [chunk for result in sorted(results, key=lambda r: r.index) for chunk in result.chunks]
+            del results
+            model, template_hash = endpoint.model, template.sha256
+            spilled = (read_spilled(chunk) for chunk in chunks)
+            labelled = write_labels(folder, spilled, spilled_schemas(chunks), quality)
+        finally:
+            shutil.rmtree(spill_dir, ignore_errors=True)
     wall = time.perf_counter() - started
     summary = {
         "collection": name,
@@ -129,18 +157,16 @@ def run(
         "model": model,
         "template_hash": template_hash[:12] if teacher.method != "imported" else template_hash,
         "run_id": run_id,
-        "queries": {"labelled": int(rankings.query_id.nunique()), "selected": len(pool.queries)},
+        "queries": {"labelled": labelled, "selected": len(pool.queries)},
         "stopped_early": outcome.stopped,
         "wall_seconds": round(wall, 1),
         "queries_from": pool.origin,
         **outcome.stats,
         # nDCG against qrels for the collection's queries; synthesized ones have no qrels (see source_doc)
-        "quality": teacher_quality(name, paths, target.split, pool, rankings, min_relevance)
-        if pool.origin == "collection"
-        else {},
+        "quality": quality.result() if pool.origin == "collection" else {},
     }
     if pool.origin == "synthetic":
-        summary["source_doc"] = source_doc_quality(pool, rankings)
+        summary["source_doc"] = quality.result()
     summary.update(served)
     if counters is not None:
         summary["calls"] = {
@@ -149,6 +175,45 @@ def run(
         }
     write_json(summary, Path(paths.metrics) / TEACHER_METRICS_FOLDER / f"{name}.json")
     return summary
+
+
+def arrow_tables(tables: LabelTables) -> dict[str, pa.Table]:
+    """``tables`` as the spilled chunks hold them (``fanout.SPILL_SCHEMAS``)."""
+    frames = {
+        "teacher_rankings": tables.rankings,
+        "teacher_windows": tables.windows,
+        "rationales": tables.rationales,
+        "candidates": tables.candidates,
+    }
+    return {table: to_arrow(frames[table], schema) for table, schema in SPILL_SCHEMAS.items()}
+
+
+def write_labels(
+    folder: Path,
+    chunks: Iterable[dict[str, pa.Table]],
+    table_schemas: dict[str, pa.Schema],
+    quality: TeacherQuality | SourceDocQuality,
+) -> int:
+    """Write the chunks' rows, in order, into ``folder``'s three tables with ``table_schemas`` (the tables' own,
+    with the pandas metadata the chunks were written with; one row group per chunk, all three atomically: a
+    failure leaves none of them new), adding each chunk to ``quality``; returns how many queries have labels (a
+    query's labels are in one chunk)."""
+    labelled = 0
+    with contextlib.ExitStack() as stack:
+        writers = {
+            table: stack.enter_context(
+                ParquetChunkWriter(folder / schemas.TABLES[table].filename, table_schemas[table])
+            )
+            for table in TABLES
+        }
+        for chunk in chunks:
+            for table, writer in writers.items():
+                writer.write(chunk[table])
+            rankings = chunk["teacher_rankings"].select(QUALITY_COLUMNS).to_pandas()
+            quality.add(chunk["candidates"].to_pandas(), rankings)
+            labelled += rankings.query_id.nunique()
+            del chunk, rankings
+    return int(labelled)
 
 
 def _body(params: Params, name: str | None) -> dict:

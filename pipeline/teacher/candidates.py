@@ -9,7 +9,7 @@ synthesized ones (``paths.synthetic/<name>/queries.parquet``, candidates from th
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schemas
 from pipeline.config import ConfigError, Paths, TeachTarget, teach_key
-from pipeline.io import read_table
+from pipeline.io import read_rows_in, read_table
 from pipeline.lucene import document_contents
 from pipeline.sources import in_split
 from pipeline.teacher.outcome import Pool
@@ -88,13 +88,13 @@ def load_pool(name: str, target: TeachTarget, paths: Paths, queries: pd.DataFram
     queries = select_queries(queries, target.max_queries, target.seed)
     if target.candidates == SHIPPED_UNION and target.queries == "collection":
         candidates_path = paths.collection_dir(name) / schemas.TABLES["shipped_runs"].filename
-        candidates = shipped_union(read_table(candidates_path), target.depth)
+        candidates = shipped_union(read_table(candidates_path), target.depth)  # cut at ``depth`` per run already
+        methods = sorted(candidates.method.unique())
     else:
-        candidates = read_table(candidates_path)
-    methods = sorted(candidates.method.unique())
-    # the shipped union is already cut at ``depth`` per run: its own size bounds it
-    within_depth = (candidates["rank"] <= target.depth) | (target.candidates == SHIPPED_UNION)
-    candidates = candidates[(candidates.method == target.candidates) & within_depth]
+        # a shipped union (in a synthesized queries' pool) is bounded by its own size, as above: no depth cut
+        depth = None if target.candidates == SHIPPED_UNION else target.depth
+        candidates = read_candidates(candidates_path, target.candidates, depth)
+        methods = candidate_methods(candidates_path) if candidates.empty else []
     if candidates.empty:
         raise ConfigError(
             f"{teach_key(name, target)}.candidates: no {target.candidates!r} candidates in {candidates_path} "
@@ -108,25 +108,47 @@ def load_pool(name: str, target: TeachTarget, paths: Paths, queries: pd.DataFram
     return with_passages(pool, corpus_path(paths, name)) if passages else pool
 
 
+def read_candidates(path: Path, method: str, depth: int | None) -> pd.DataFrame:
+    """The candidates of ``method`` in the table at ``path`` with rank <= ``depth`` (None: any rank) (query_id,
+    doc_id, method, rank), in the table's order: ``read_rows_in`` filters a batch at a time, so only those
+    rows are ever in memory, not the table's every method to its full depth (8M rows for MS MARCO).
+
+    >>> import tempfile
+    >>> from pipeline.io import write_table
+    >>> path = Path(tempfile.mkdtemp()) / "candidates.parquet"
+    >>> _ = write_table(pd.DataFrame({"collection": "c", "query_id": ["q1", "q1", "q1", "q2"],
+    ...     "doc_id": ["a", "b", "a", "c"], "method": ["bm25", "bm25", "splade", "bm25"], "rank": [1, 2, 1, 1],
+    ...     "score": 0.0}), schemas.CANDIDATES, path)
+    >>> read_candidates(path, "bm25", depth=1).values.tolist()
+    [['q1', 'a', 'bm25', 1], ['q2', 'c', 'bm25', 1]]
+    """
+    where: dict[str, Collection] = {"method": [method]} | ({} if depth is None else {"rank": range(1, depth + 1)})
+    return read_rows_in(path, where, columns=["query_id", "doc_id", "method", "rank"])
+
+
+def candidate_methods(path: Path) -> list[str]:
+    """The methods the candidates table at ``path`` holds (for an error message: reads that column only)."""
+    return sorted(pq.read_table(path, columns=["method"]).column("method").unique().to_pylist())
+
+
 def corpus_path(paths: Paths, name: str) -> Path:
     return paths.collection_dir(name) / schemas.TABLES["corpus"].filename
 
 
 def read_passages(corpus: Path, doc_ids: Iterable[str]) -> pd.Series:
-    """The passages (title and text, as the index holds them) of ``doc_ids``, by doc id: pyarrow reads the corpus
-    a row group at a time and keeps only those rows, so the whole corpus (8.8M passages for MS MARCO) is never in
-    memory."""
-    if not corpus.is_file():
-        raise FileNotFoundError(f"{corpus}: table not found (has the stage that writes it run?)")
-    wanted = sorted(set(doc_ids))
-    table = pq.read_table(corpus, columns=["doc_id", "title", "text"], filters=[("doc_id", "in", wanted)])
-    rows = table.to_pydict()
-    texts = [document_contents(t, x) for t, x in zip(rows["title"], rows["text"], strict=True)]
-    return pd.Series(texts, index=rows["doc_id"], dtype=object)
+    """The passages (title and text, as the index holds them) of ``doc_ids``, by doc id: ``read_rows_in`` reads
+    the corpus a batch at a time and keeps only those rows, so the whole corpus (8.8M passages for MS MARCO) is
+    never in memory."""
+    rows = read_rows_in(corpus, {"doc_id": set(doc_ids)}, columns=["doc_id", "title", "text"])
+    texts = [document_contents(t, x) for t, x in zip(rows.title, rows.text, strict=True)]
+    return pd.Series(texts, index=rows.doc_id.tolist(), dtype=object)
 
 
 def with_passages(pool: Pool, corpus: Path) -> Pool:
     """``pool`` with each candidate's passage (``passage``) read from ``corpus``: what a teach shard does for its
     own queries only, so that the stage never holds every query's passages at once."""
     passages = read_passages(corpus, pool.candidates.doc_id)
-    return dataclasses.replace(pool, candidates=pool.candidates.assign(passage=pool.candidates.doc_id.map(passages)))
+    # object dtype: each row points at its document's one string (``map`` would copy every row's text into a new
+    # string column: a query's candidates share documents with other queries')
+    texts = pd.Series(passages.reindex(pool.candidates.doc_id).to_numpy(), index=pool.candidates.index, dtype=object)
+    return dataclasses.replace(pool, candidates=pool.candidates.assign(passage=texts))

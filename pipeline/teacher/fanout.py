@@ -23,9 +23,9 @@ the summary figures are sums (``merge_stats``) and the call counters too.
 
 Memory: the stage holds the target's candidates as ids and ranks only; each shard reads its own queries'
 passages from the corpus (``candidates.with_passages``: a pyarrow filter, never the whole corpus) and frees them
-with its walks when it returns, keeping only its output rows; within a shard it does so ``scale.chunk_queries``
-queries at a time (``teach_in_chunks``). So with ``shards`` well above ``workers`` the
-passages and prompts in memory are those of the ``workers`` shards running, not the target's.
+with its walks, ``scale.chunk_queries`` queries at a time (``teach_in_chunks``), writing each chunk's rows to the
+stage's spill folder (``spill_chunk``) rather than keeping them. So the passages and prompts in memory are those
+of the chunks running, and the rows are on disk until the stage copies them into its tables.
 
 ``shards: 1`` (the default) runs the one shard in the stage's own process, without Prefect: today's behaviour.
 More shards run in a Prefect flow (``teach-fan-out``) whose task runner is ``ThreadPoolTaskRunner`` or
@@ -35,20 +35,26 @@ reports to ``PREFECT_API_URL``, or to a temporary local Prefect server when none
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from pipeline import schemas
 from pipeline.config import Budget, EndpointConfig, FanOutConfig, TeacherConfig
+from pipeline.io import write_table
 from pipeline.teacher import listwise, pointwise, rationales
 from pipeline.teacher.cache import TeacherCache
 from pipeline.teacher.candidates import with_passages
 from pipeline.teacher.client import CachedTeacher, TeacherCallError, TeacherCounters
-from pipeline.teacher.outcome import Pool, TeachOutcome
+from pipeline.teacher.outcome import RANKING_COLUMNS, LabelTables, Pool, Provenance, TeachOutcome, calling_tables
 
 if TYPE_CHECKING:
     from prefect.task_runners import TaskRunner
@@ -92,20 +98,29 @@ def split_pool(pool: Pool, shards: int) -> list[Pool]:
     >>> [(p.queries.query_id.tolist(), p.candidates.doc_id.tolist()) for p in split_pool(pool, 2)]
     [(['a'], ['1', '2']), (['b', 'c'], ['1', '3'])]
     """
+    return list(iter_parts(pool, shards))
+
+
+def iter_parts(pool: Pool, parts: int) -> Iterator[Pool]:
+    """``split_pool``'s parts one at a time, each made when it is asked for: a shard's chunks are never all in
+    memory beside the shard's pool (each is a copy of its rows).
+
+    >>> pool = Pool(pd.DataFrame({"query_id": ["a", "b"], "text": ["x", "y"]}),
+    ...             pd.DataFrame({"query_id": ["a", "b"], "doc_id": ["1", "2"], "rank": [1, 1]}))
+    >>> [p.queries.query_id.tolist() for p in iter_parts(pool, 2)]
+    [['a'], ['b']]
+    """
+    if parts == 1:
+        yield pool
+        return
     query_ids = pool.candidates.query_id.unique()
-    if shards == 1:
-        return [pool]
-    parts = []
-    for start, end in shard_bounds(len(query_ids), shards):
+    for start, end in shard_bounds(len(query_ids), parts):
         wanted = set(query_ids[start:end])
-        parts.append(
-            Pool(
-                queries=pool.queries[pool.queries.query_id.isin(wanted)].reset_index(drop=True),
-                candidates=pool.candidates[pool.candidates.query_id.isin(wanted)],
-                origin=pool.origin,
-            )
+        yield Pool(
+            queries=pool.queries[pool.queries.query_id.isin(wanted)].reset_index(drop=True),
+            candidates=pool.candidates[pool.candidates.query_id.isin(wanted)],
+            origin=pool.origin,
         )
-    return parts
 
 
 def share_budget(budget: Budget, shards: int) -> Budget:
@@ -188,13 +203,72 @@ class ShardJob:
     run_id: str
     corpus: Path | None = None
     chunk_queries: int | None = None
+    # where each chunk's rows go as soon as they are labelled (``spill_chunk``; absolute, on storage every worker
+    # sees, as the cache folder), with the columns the stage adds to them; None: they come back in the outcome
+    spill_dir: Path | None = None
+    provenance: Provenance | None = None
 
 
 @dataclass(frozen=True)
 class ShardResult:
+    """A shard's outcome (without rows when they were spilled: its figures and budget stop only), its call
+    counters and its spilled chunks in order (``spill_chunk``'s names)."""
+
     index: int
     outcome: TeachOutcome
     counters: TeacherCounters
+    chunks: tuple[Path, ...] = ()
+
+
+# a spilled chunk's tables: the stage's three and the chunk's candidates (for the first stage's figures)
+SPILL_SCHEMAS: dict[str, pa.Schema] = {
+    "teacher_rankings": schemas.TABLES["teacher_rankings"].schema,
+    "teacher_windows": schemas.TABLES["teacher_windows"].schema,
+    "rationales": schemas.TABLES["rationales"].schema,
+    "candidates": pa.schema([schemas.CANDIDATES.field(name) for name in ("query_id", "doc_id", "rank")]),
+}
+
+
+def spill_paths(chunk: Path) -> dict[str, Path]:
+    """The files of the spilled chunk ``chunk``, by table.
+
+    >>> spill_paths(Path("/s/shard-00000-chunk-000001"))["rationales"]
+    PosixPath('/s/shard-00000-chunk-000001.rationales.parquet')
+    """
+    return {table: chunk.with_name(f"{chunk.name}.{table}.parquet") for table in SPILL_SCHEMAS}
+
+
+def spill_chunk(tables: LabelTables, spill_dir: Path, shard: int, chunk: int) -> Path:
+    """Write one chunk's tables to ``spill_dir`` (each file atomically: a killed shard leaves no half a chunk),
+    named so that shard then chunk order is their names' order; returns the chunk's name (``spill_paths``)."""
+    name = spill_dir / f"shard-{shard:05d}-chunk-{chunk:06d}"
+    frames = {
+        "teacher_rankings": tables.rankings,
+        "teacher_windows": tables.windows,
+        "rationales": tables.rationales,
+        "candidates": tables.candidates,
+    }
+    for table, path in spill_paths(name).items():
+        write_table(frames[table], SPILL_SCHEMAS[table], path)
+    return name
+
+
+def read_spilled(chunk: Path) -> dict[str, pa.Table]:
+    """A spilled chunk's tables, by table, as they were written."""
+    return {table: pq.read_table(path) for table, path in spill_paths(chunk).items()}
+
+
+def spilled_schemas(chunks: Sequence[Path]) -> dict[str, pa.Schema]:
+    """Each table's schema with the pandas metadata (extension dtypes such as ``Int32``) of the first of
+    ``chunks`` that has rows of it (else of the first chunk): the metadata the table written at once had, so that
+    pandas reads the streamed table back with the same dtypes. Reads the files' footers only."""
+    found: dict[str, pa.Schema] = {}
+    for table, schema in SPILL_SCHEMAS.items():
+        files = [spill_paths(chunk)[table] for chunk in chunks]
+        with_rows = [path for path in files if pq.ParquetFile(path).metadata.num_rows]
+        source = (with_rows or files)[:1]
+        found[table] = schema.with_metadata(pq.read_schema(source[0]).metadata) if source else schema
+    return found
 
 
 def shard_jobs(
@@ -206,17 +280,36 @@ def shard_jobs(
     run_id: str,
     corpus: Path | None = None,
     chunk_queries: int | None = None,
+    spill_dir: Path | None = None,
+    provenance: Provenance | None = None,
 ) -> list[ShardJob]:
     """One job per shard of ``pool`` (``teacher.fan_out.shards`` of them, fewer for fewer queries); a pool without
     passages needs the ``corpus`` to read them from. Each shard labels ``chunk_queries`` (``scale.chunk_queries``)
-    of its queries at a time (None: all at once)."""
+    of its queries at a time (None: all at once), and writes each chunk's rows with ``provenance`` to
+    ``spill_dir`` (None: returns them)."""
     if corpus is None and "passage" not in pool.candidates:
         raise ValueError("a pool without passages needs the corpus to read them from")
+    if (spill_dir is None) != (provenance is None):
+        raise ValueError("spilled rows need their provenance (and provenance a spill folder)")
     corpus = None if corpus is None else Path(corpus).resolve()
     cache_dir = Path(cache_dir).resolve()
+    spill_dir = None if spill_dir is None else Path(spill_dir).resolve()
     parts = split_pool(pool, teacher.fan_out.shards)
     return [
-        ShardJob(i, len(parts), part, teacher, endpoint, cache_dir, template_hash, run_id, corpus, chunk_queries)
+        ShardJob(
+            i,
+            len(parts),
+            part,
+            teacher,
+            endpoint,
+            cache_dir,
+            template_hash,
+            run_id,
+            corpus,
+            chunk_queries,
+            spill_dir,
+            provenance,
+        )
         for i, part in enumerate(parts)
     ]
 
@@ -239,7 +332,7 @@ def teach_shard(job: ShardJob) -> ShardResult:
             breaker=teacher.breaker,
         )
         try:
-            outcome = teach_in_chunks(job, client)
+            outcome, chunks = teach_in_chunks(job, client)
         except TeacherCallError as err:
             if job.shards == 1:
                 raise
@@ -248,7 +341,7 @@ def teach_shard(job: ShardJob) -> ShardResult:
                 f"teach shard {job.index + 1}/{job.shards} ({len(job.pool.queries)} queries) stopped after paying "
                 f"{spent.calls} calls and serving {spent.cached} from the cache (all kept there): {err}"
             ) from None
-    return ShardResult(job.index, outcome, client.counters)
+    return ShardResult(job.index, outcome, client.counters, chunks)
 
 
 def chunk_count(queries: int, chunk_queries: int | None) -> int:
@@ -260,21 +353,57 @@ def chunk_count(queries: int, chunk_queries: int | None) -> int:
     return 1 if chunk_queries is None or queries == 0 else -(-queries // chunk_queries)
 
 
-def teach_in_chunks(job: ShardJob, client: CachedTeacher) -> TeachOutcome:
+def teach_in_chunks(job: ShardJob, client: CachedTeacher) -> tuple[TeachOutcome, tuple[Path, ...]]:
     """The method over the shard's queries, ``job.chunk_queries`` at a time, with one client (so the budget, the
     breaker and the counters are the shard's, as if it ran at once), each chunk's passages read for it alone and
-    dropped with its walks when it is done: what the shard holds is its output rows, not its queries' passages and
-    prompts. The chunks are contiguous in the pool's order, so the rows are the one-chunk run's rows (as shards'
-    are, ``merge_results``); a budget stop ends a chunk, and every later chunk stops at once as the rest of the
+    dropped with its walks when it is done. With a spill folder each chunk's rows are written there as soon as
+    they are labelled (``spill_chunk``; the names come back, in order) and the outcome keeps only the figures, so
+    that what the shard holds does not grow with its queries; without one the outcome holds every row. The chunks
+    are contiguous in the pool's order, so the rows are the one-chunk run's rows (as shards' are,
+    ``merge_results``); a budget stop ends a chunk, and every later chunk stops at once as the rest of the
     one-chunk run would have (only the first stop is reported)."""
     method = CALLING_METHODS[job.teacher.method]
-    parts = split_pool(job.pool, chunk_count(job.pool.candidates.query_id.nunique(), job.chunk_queries))
-    outcomes = []
-    for part in parts:
+    parts = iter_parts(job.pool, chunk_count(job.pool.candidates.query_id.nunique(), job.chunk_queries))
+    outcomes, chunks = [], []
+    for number, part in enumerate(parts):
         pool = part if job.corpus is None else with_passages(part, job.corpus)
-        outcomes.append(method(pool, client, job.teacher))
+        outcome = method(pool, client, job.teacher)
         del pool
-    return merge_outcomes(outcomes, stopped=next((o.stopped for o in outcomes if o.stopped), None))
+        if job.spill_dir is not None:
+            assert job.provenance is not None  # shard_jobs gives both or neither
+            tables = calling_tables(outcome, part.candidates, job.provenance)
+            chunks.append(spill_chunk(tables, job.spill_dir, job.index, number))
+            # the figures only: the rows are on disk
+            outcome = TeachOutcome(pd.DataFrame(columns=RANKING_COLUMNS), outcome.stats, outcome.stopped)
+            del tables
+        outcomes.append(outcome)
+        del part
+        release_freed_memory()
+    merged = merge_outcomes(outcomes, stopped=next((o.stopped for o in outcomes if o.stopped), None))
+    return merged, tuple(chunks)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): its allocator is left as it is
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand back to the OS the memory a finished chunk freed (its passages, prompts and rows): glibc keeps freed
+    memory in its arenas (one per thread that called) and pyarrow's pool keeps its own, so without this the next
+    chunk's passages and prompts land beside the last one's leftovers, and the peak grows with the number of
+    chunks rather than staying one chunk's. Costs milliseconds per chunk.
+
+    >>> release_freed_memory()
+    """
+    pa.default_memory_pool().release_unused()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:

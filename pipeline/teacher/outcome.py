@@ -90,3 +90,94 @@ def calls_summary(counters: TeacherCounters) -> dict[str, int | float]:
         "completion_tokens": counters.completion_tokens,
         "estimated_cost_usd": round(counters.cost_usd, 6),
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """What the teach stage adds to a calling method's rows: the collection, the first stage the candidates came
+    from, the model and template that labelled them, the method and the run."""
+
+    collection: str
+    first_stage: str
+    model: str
+    template_hash: str
+    method: str
+    run_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelTables:
+    """One chunk of the teach stage's three tables as they are written (``teacher_rankings``,
+    ``teacher_windows``, ``rationales``: their schemas' columns) and the candidates (query_id, doc_id, rank) its
+    queries were ranked from (for the first stage's figures)."""
+
+    rankings: pd.DataFrame
+    windows: pd.DataFrame
+    rationales: pd.DataFrame
+    candidates: pd.DataFrame
+
+
+def label_tables(
+    outcome: TeachOutcome,
+    candidates: pd.DataFrame,
+    collection: str,
+    method: str,
+    run_id: str,
+    provenance: pd.DataFrame,
+    model: str,
+    template_hash: str,
+) -> LabelTables:
+    """The rows the stage writes for ``outcome`` (all of it, or one chunk's: a query's rows never depend on another
+    query's, so the chunks' tables concatenated are the whole outcome's): its labels with their ``provenance``
+    columns (model, first_stage, template_hash) and each label's rank in ``candidates`` (``first_stage_rank``;
+    null for a document outside them), its windows, and its rationales (``model`` and ``template_hash`` added
+    where the rows have none of their own).
+
+    >>> outcome = TeachOutcome(pd.DataFrame({"query_id": "q", "doc_id": ["b", "x"], "teacher_rank": [1, 2],
+    ...                                      "score": None}), stats={})
+    >>> candidates = pd.DataFrame({"query_id": "q", "doc_id": ["a", "b"], "rank": [1, 2]})
+    >>> provenance = pd.DataFrame({"model": "m", "first_stage": "bm25", "template_hash": "h"}, index=[0, 1])
+    >>> tables = label_tables(outcome, candidates, "c", "listwise", "r1", provenance, "m", "h")
+    >>> tables.rankings[["doc_id", "teacher_rank", "first_stage_rank", "method"]].values.tolist()
+    [['b', 1, 2, 'listwise'], ['x', 2, <NA>, 'listwise']]
+    """
+    first_stage = candidates[["query_id", "doc_id", "rank"]].rename(columns={"rank": "first_stage_rank"})
+    # imported labels may rank documents outside the pool: their first-stage rank is null
+    rankings = (
+        pd.concat([outcome.rankings, provenance], axis=1)
+        .merge(first_stage, on=["query_id", "doc_id"], how="left")
+        .assign(
+            collection=collection,
+            first_stage_rank=lambda r: r.first_stage_rank.astype("Int32"),
+            method=method,
+            run_id=run_id,
+        )
+    )
+    # per-window parse records (window methods; empty for the others, so the table always exists)
+    windows = outcome.windows.assign(collection=collection, run_id=run_id)
+    # Reason-to-Rank rationales (method "rationales" or an R2R file; empty for the others)
+    reasons = outcome.rationales.assign(
+        collection=collection, window_rank=lambda r: r.window_rank.astype("Int32"), run_id=run_id
+    )
+    if "model" not in reasons:  # imported rationales carry their own file's provenance
+        reasons = reasons.assign(model=model, template_hash=template_hash)
+    return LabelTables(rankings, windows, reasons, candidates[["query_id", "doc_id", "rank"]])
+
+
+def calling_tables(outcome: TeachOutcome, candidates: pd.DataFrame, provenance: Provenance) -> LabelTables:
+    """``label_tables`` for a calling method's ``outcome``: every label has the one model, first stage and
+    template of ``provenance``."""
+    columns = pd.DataFrame(
+        {"model": provenance.model, "first_stage": provenance.first_stage, "template_hash": provenance.template_hash},
+        index=outcome.rankings.index,
+    )
+    return label_tables(
+        outcome,
+        candidates,
+        provenance.collection,
+        provenance.method,
+        provenance.run_id,
+        columns,
+        provenance.model,
+        provenance.template_hash,
+    )
