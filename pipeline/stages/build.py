@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from pipeline import schemas
 from pipeline.config import BuildConfig, ConfigError, Params, Paths, TeachTarget, teach_key
 from pipeline.duck import distinct_values
-from pipeline.io import ParquetChunkWriter, read_rows_in, read_table
+from pipeline.io import ParquetChunkWriter, read_rows_in, read_table, release_freed_memory
 from pipeline.lucene import document_contents
 from pipeline.stages.common import read_passages
 from pipeline.teacher.imported import list_name
@@ -181,6 +181,7 @@ def run(name: str, target: TeachTarget, cfg: BuildConfig, paths: Paths, chunk_qu
         with_example += sorted(set(rows.query_id[rows.doc_id.isin(in_corpus)]) & known_queries)
         teachers.update(rows[["model", "method"]].drop_duplicates().itertuples(index=False, name=None))
         del rows, in_corpus
+        release_freed_memory()
     dev = dev_split(query_splits.drop_duplicates("query_id"), with_example, cfg, keep_dev_split)
     del query_splits, known_queries, with_example
     spec = schemas.TABLES["training_examples"]
@@ -205,6 +206,7 @@ def run(name: str, target: TeachTarget, cfg: BuildConfig, paths: Paths, chunk_qu
                 pairs_by_split[split] = pairs_by_split.get(split, 0) + counts[2]
             # dropped before the next chunk is read, not when it replaces them: one chunk's rows at a time
             del chunk, queries, passages, examples
+            release_freed_memory()
         if writer.rows == 0:
             raise ConfigError(
                 f"{teach_key(name, target)}: none of the teacher's ranked documents/queries are in the collection"

@@ -35,9 +35,7 @@ reports to ``PREFECT_API_URL``, or to a temporary local Prefect server when none
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +47,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schemas
 from pipeline.config import Budget, EndpointConfig, FanOutConfig, TeacherConfig
-from pipeline.io import write_table
+from pipeline.io import release_freed_memory, write_table
 from pipeline.teacher import listwise, pointwise, rationales
 from pipeline.teacher.cache import TeacherCache
 from pipeline.teacher.candidates import with_passages
@@ -381,29 +379,6 @@ def teach_in_chunks(job: ShardJob, client: CachedTeacher) -> tuple[TeachOutcome,
         release_freed_memory()
     merged = merge_outcomes(outcomes, stopped=next((o.stopped for o in outcomes if o.stopped), None))
     return merged, tuple(chunks)
-
-
-@functools.cache
-def _glibc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (macOS, musl): its allocator is left as it is
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand back to the OS the memory a finished chunk freed (its passages, prompts and rows): glibc keeps freed
-    memory in its arenas (one per thread that called) and pyarrow's pool keeps its own, so without this the next
-    chunk's passages and prompts land beside the last one's leftovers, and the peak grows with the number of
-    chunks rather than staying one chunk's. Costs milliseconds per chunk.
-
-    >>> release_freed_memory()
-    """
-    pa.default_memory_pool().release_unused()
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
