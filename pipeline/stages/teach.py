@@ -179,12 +179,7 @@ def run(
 
 def arrow_tables(tables: LabelTables) -> dict[str, pa.Table]:
     """``tables`` as the spilled chunks hold them (``fanout.SPILL_SCHEMAS``)."""
-    frames = {
-        "teacher_rankings": tables.rankings,
-        "teacher_windows": tables.windows,
-        "rationales": tables.rationales,
-        "candidates": tables.candidates,
-    }
+    frames = tables.by_table()
     return {table: to_arrow(frames[table], schema) for table, schema in SPILL_SCHEMAS.items()}
 
 

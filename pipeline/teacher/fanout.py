@@ -240,12 +240,7 @@ def spill_chunk(tables: LabelTables, spill_dir: Path, shard: int, chunk: int) ->
     """Write one chunk's tables to ``spill_dir`` (each file atomically: a killed shard leaves no half a chunk),
     named so that shard then chunk order is their names' order; returns the chunk's name (``spill_paths``)."""
     name = spill_dir / f"shard-{shard:05d}-chunk-{chunk:06d}"
-    frames = {
-        "teacher_rankings": tables.rankings,
-        "teacher_windows": tables.windows,
-        "rationales": tables.rationales,
-        "candidates": tables.candidates,
-    }
+    frames = tables.by_table()
     for table, path in spill_paths(name).items():
         write_table(frames[table], SPILL_SCHEMAS[table], path)
     return name

@@ -116,6 +116,15 @@ class LabelTables:
     rationales: pd.DataFrame
     candidates: pd.DataFrame
 
+    def by_table(self) -> dict[str, pd.DataFrame]:
+        """The frames by the name of the table they go to (the stage's three, and ``candidates``)."""
+        return {
+            "teacher_rankings": self.rankings,
+            "teacher_windows": self.windows,
+            "rationales": self.rationales,
+            "candidates": self.candidates,
+        }
+
 
 def label_tables(
     outcome: TeachOutcome,
